@@ -1,0 +1,37 @@
+"""mixformer-deploy: trained MixFormer weights to verified, benchmarked edge artifacts.
+
+Public API: create_model, load_model, to_deploy, export, check_parity, benchmark.
+Heavy and optional dependencies are imported lazily, inside the functions that need them.
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoints import load_model  # noqa: E402
+from .model import create_model  # noqa: E402
+
+
+def to_deploy(model, input_size):
+    """The export-friendly deploy form of ``model`` at a static input size (see mixformer_deploy.deploy)."""
+    from .deploy import to_deploy as _to_deploy
+    return _to_deploy(model, input_size)
+
+
+def export(*args, **kwargs):
+    """Export weights to an artifact of a target (see mixformer_deploy.export_api.export)."""
+    from .export_api import export as _export
+    return _export(*args, **kwargs)
+
+
+def check_parity(*args, **kwargs):
+    """Compare an artifact with the PyTorch reference (see mixformer_deploy.parity.check_parity)."""
+    from .parity import check_parity as _check
+    return _check(*args, **kwargs)
+
+
+def benchmark(*args, **kwargs):
+    """Time artifacts through their runners (see mixformer_deploy.bench.benchmark)."""
+    from .bench import benchmark as _bench
+    return _bench(*args, **kwargs)
+
+
+__all__ = ["__version__", "create_model", "load_model", "to_deploy", "export", "check_parity", "benchmark"]

@@ -1,0 +1,23 @@
+"""The one door to optional dependencies: import lazily, and name the extra to install when missing."""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+
+from .errors import MissingBackendError
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise MissingBackendError naming ``pip install "mixformer-deploy[extra]"``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingBackendError(f"{module} is not installed: pip install \"mixformer-deploy[{extra}]\"") from e
+
+
+def version_of(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
