@@ -1,0 +1,74 @@
+"""PyTorch eager: the reference every artifact is compared with, and a runtime of its own (CPU or CUDA,
+fp32 or fp16, reference model or deploy form)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MissingBackendError, UsageError
+from .base import Runner
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MissingBackendError(f"device {device!r} requested but torch sees no CUDA GPU here")
+        return torch.device(device)
+    if device != "cpu":
+        raise UsageError(f"the torch runtime runs on cpu or cuda, not {device!r}")
+    return torch.device("cpu")
+
+
+class TorchRunner(Runner):
+    key = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32",
+                 deploy: bool = False, threads: int | None = None):
+        if precision not in ("fp32", "fp16"):
+            raise UsageError(f"the torch runtime runs fp32 or fp16, not {precision!r}")
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise UsageError("fp16 in the torch runtime needs --device cuda (CPU half precision is not a deploy path)")
+        self.device, self.precision, self.deploy, self.threads = device, precision, deploy, threads
+        self._dev = resolve_device(device)
+        self._dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.reference = model.eval()
+        self._models: dict[tuple[int, int], torch.nn.Module] = {}
+        if threads:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def load(cls, artifact, device="cpu", threads=None, precision="fp32", deploy=False) -> "TorchRunner":
+        from ..checkpoints import load_checkpoint
+        return cls(load_checkpoint(Path(artifact)).model, device, precision, deploy, threads)
+
+    def _model_for(self, h: int, w: int) -> torch.nn.Module:
+        if (h, w) not in self._models:
+            model = self.reference
+            if self.deploy:
+                from ..deploy import to_deploy
+                model = to_deploy(model, (h, w))
+            self._models[(h, w)] = model.to(self._dev, self._dtype).eval() if (
+                self.deploy or self._dev.type != "cpu" or self._dtype != torch.float32) else model
+        return self._models[(h, w)]
+
+    @torch.no_grad()
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        model = self._model_for(*batch.shape[-2:])
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev, self._dtype)
+        return model(x).float().cpu().numpy()
+
+    @torch.no_grad()
+    def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        model = self._model_for(*batch.shape[-2:])
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev, self._dtype)
+        return {k: v.float().cpu().numpy() for k, v in model.forward_stages(x).items()}
+
+    def sync(self) -> None:
+        if self._dev.type == "cuda":
+            torch.cuda.synchronize(self._dev)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "form": "deploy" if self.deploy else "reference"}
