@@ -1,0 +1,25 @@
+"""The deploy form: the same function as the reference MixFormer, in a shape exporters handle cleanly
+(static sizes, rank <= 5, folded norms, constant relative-position bias, no data-dependent shapes)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..model import MixFormer, check_input_size
+from .model import DeployMixFormer, to_reference_layout
+from .passes import PASSES, restructure
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeployMixFormer", "PASSES", "restructure", "to_deploy", "to_reference_layout"]
+
+
+def to_deploy(model: MixFormer, input_size) -> DeployMixFormer:
+    """A new deploy-form module for a static input size (int or (H, W)); the reference is untouched."""
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    check_input_size(model.cfg, h, w)
+    deploy = restructure(model, h, w)
+    for rewrite in PASSES:
+        n = rewrite(deploy)
+        log.debug("%s: %d rewrites", rewrite.__name__, n)
+    return deploy.eval()

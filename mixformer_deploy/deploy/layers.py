@@ -1,0 +1,110 @@
+"""Building blocks of the deploy form: channel-last (NHWC) maps, static window ops of rank <= 5, and
+the small modules that the rewrite passes swap in by type."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def partition(x: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """(B, h, w, C) -> (B*nW, ws*ws, C), windows image-major then row-major, with rank <= 5.
+
+    The batch is folded with the window-row axis so that no rank-6 tensor appears and no size is
+    computed at run time (the batch stays a free -1 axis).
+    """
+    c = x.shape[-1]
+    x = x.reshape(-1, ws, w // ws, ws, c).permute(0, 2, 1, 3, 4)
+    return x.reshape(-1, ws * ws, c)
+
+
+def reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """(B*nW, ws*ws, C) -> (B, h, w, C), the inverse of ``partition``."""
+    c = windows.shape[-1]
+    x = windows.reshape(-1, w // ws, ws, ws, c).permute(0, 2, 1, 3, 4)
+    return x.reshape(-1, h, w, c)
+
+
+class TokenBatchNorm(nn.Module):
+    """An eval-mode BatchNorm applied to channel-last tokens (the reference applies it to a map)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return x * scale + (bn.bias - bn.running_mean * scale)
+
+
+class ChannelBias(nn.Module):
+    """What is left of a BatchNorm once its scale is folded into the preceding projection."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x):
+        return x + self.bias
+
+
+class TokenPointwise(nn.Module):
+    """Runs a Sequential of 1x1 convs / BatchNorms / GELUs on channel-last tokens as matmuls, so the
+    spatial interaction needs no window-to-map round trip."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        for m in self.seq:
+            if isinstance(m, nn.Conv2d):
+                x = F.linear(x, m.weight.flatten(1), m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                x = TokenBatchNorm(m)(x)
+            else:
+                x = m(x)
+        return x
+
+
+class RelativeBiasLookup(nn.Module):
+    """The reference's gather from the relative-position table (replaced by a constant when folded)."""
+
+    def __init__(self, table: nn.Parameter, index: torch.Tensor, ws: int):
+        super().__init__()
+        self.table, self.n = table, ws * ws
+        self.register_buffer("index", index.reshape(-1).clone(), persistent=False)
+
+    def forward(self):
+        return self.table[self.index].reshape(self.n, self.n, -1).permute(2, 0, 1)
+
+
+class ConstantBias(nn.Module):
+    """The relative-position bias of one block, precomputed: (heads, N, N)."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("bias", bias.detach().clone().contiguous())
+
+    def forward(self):
+        return self.bias
+
+
+class WindowAttention(nn.Module):
+    """Multi-head attention inside windows with rank-4 tensors only."""
+
+    def __init__(self, qkv: nn.Linear, rel_bias: nn.Module, heads: int, scale: float):
+        super().__init__()
+        self.qkv, self.rel_bias, self.heads, self.scale = qkv, rel_bias, heads, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[1], x.shape[2]
+        h, d = self.heads, x.shape[2] // self.heads
+        qkv = self.qkv(x).reshape(-1, n, 3 * h, d).permute(0, 2, 1, 3)
+        q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
+        if self.scale != 1.0:
+            q = q * self.scale
+        attn = torch.softmax(q @ k.transpose(-2, -1) + self.rel_bias(), dim=-1)
+        return (attn @ v).permute(0, 2, 1, 3).reshape(-1, n, c)
