@@ -1,0 +1,33 @@
+"""Shared fixtures: the official tiny model (fixture weights) and real photos, loaded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def rel_l2(a, r) -> float:
+    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def official_tiny():
+    """The official fixture's model: every BN statistic, affine, bias and bias table randomized."""
+    from mixformer_deploy.checkpoints import load_checkpoint
+
+    return load_checkpoint(DATA / "tiny.pdparams").model
+
+
+@pytest.fixture(scope="session")
+def photo_batches():
+    """Real photos at 224x224 and at a size whose stage maps need padding (256x192)."""
+    from mixformer_deploy.data import photos
+
+    return {size: torch.from_numpy(photos(*size, names=("chelsea", "astronaut", "coffee"))[0])
+            for size in ((224, 224), (256, 192))}

@@ -1,0 +1,78 @@
+"""The deploy form computes the reference function: each rewrite pass on its own, and all together."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import rel_l2
+from mixformer_deploy.deploy import PASSES, restructure, to_deploy
+from mixformer_deploy.errors import RewriteError, UsageError
+
+SIZES = [(224, 224), (256, 192)]
+TOL = 1e-6
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model.forward_stages(x)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_restructure_alone_is_equivalent(official_tiny, photo_batches, size, batch):
+    x = photo_batches[size][:batch]
+    ref = _out(official_tiny, x)
+    dep = _out(restructure(official_tiny, *size), x)
+    for key in ("logits", "features"):
+        assert rel_l2(dep[key], ref[key]) <= TOL, key
+    for key in ("stem", "stage0", "stage1", "stage2", "stage3"):
+        assert dep[key].shape == ref[key].shape
+        assert rel_l2(dep[key], ref[key]) <= 5 * TOL, key
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("rewrite", PASSES, ids=lambda p: p.__name__)
+def test_each_pass_is_equivalent(official_tiny, photo_batches, size, batch, rewrite):
+    x = photo_batches[size][:batch]
+    before = restructure(official_tiny, *size)
+    after = copy.deepcopy(before)
+    assert rewrite(after) > 0
+    with torch.no_grad():
+        assert rel_l2(after(x), before(x)) <= TOL
+        assert rel_l2(after(x), official_tiny(x)) <= TOL
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_to_deploy_matches_reference_and_leaves_it_untouched(official_tiny, photo_batches, size):
+    x = photo_batches[size]
+    state = {k: v.clone() for k, v in official_tiny.state_dict().items()}
+    deploy = to_deploy(official_tiny, size)
+    with torch.no_grad():
+        assert rel_l2(deploy(x), official_tiny(x)) <= TOL
+    assert all(torch.equal(state[k], v) for k, v in official_tiny.state_dict().items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules()), "a BatchNorm was not folded"
+
+
+def test_batch_items_are_independent(official_tiny, photo_batches):
+    x = photo_batches[(256, 192)]
+    deploy = to_deploy(official_tiny, (256, 192))
+    with torch.no_grad():
+        together = deploy(x)
+        alone = torch.cat([deploy(x[i:i + 1]) for i in range(len(x))])
+    assert (together - alone).abs().max() <= 1e-5
+
+
+def test_a_pass_with_nothing_to_rewrite_raises(official_tiny):
+    deploy = to_deploy(official_tiny, 224)
+    for rewrite in PASSES:
+        with pytest.raises(RewriteError, match=rewrite.__name__):
+            rewrite(deploy)
+
+
+def test_input_side_must_be_a_multiple_of_32(official_tiny):
+    with pytest.raises(UsageError, match="multiple of 32"):
+        to_deploy(official_tiny, (224, 200))

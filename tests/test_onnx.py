@@ -1,0 +1,119 @@
+"""ONNX target and onnxruntime runner on the official fixture weights."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import DATA, rel_l2
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+pytestmark = pytest.mark.onnx
+
+from mixformer_deploy.errors import ArtifactError, UsageError  # noqa: E402
+from mixformer_deploy.export_api import export  # noqa: E402
+from mixformer_deploy.manifest import read_manifest, sidecar_path  # noqa: E402
+from mixformer_deploy.runtimes import open_runner  # noqa: E402
+
+WEIGHTS = DATA / "tiny.pdparams"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    return {
+        "224": export(WEIGHTS, img_size=224, output=out, check=False).path,
+        "256x192": export(WEIGHTS, img_size="256x192", output=out, check=False).path,
+        "dyn": export(WEIGHTS, img_size=224, batch="dynamic", output=out, check=False).path,
+        "fp16": export(WEIGHTS, img_size=224, precision="fp16", output=out, check=False).path,
+    }
+
+
+def test_file_names_follow_the_contract(artifacts):
+    assert artifacts["224"].name == "mixformer-custom-224x224-b1-fp32.onnx"
+    assert artifacts["256x192"].name == "mixformer-custom-256x192-b1-fp32.onnx"
+    assert artifacts["dyn"].name == "mixformer-custom-224x224-dyn-fp32.onnx"
+    assert artifacts["fp16"].name == "mixformer-custom-224x224-b1-fp16.onnx"
+    assert all(sidecar_path(p).is_file() for p in artifacts.values())
+
+
+def test_matches_the_official_outputs(artifacts):
+    ref = np.load(DATA / "tiny.npz")
+    runner = open_runner(artifacts["224"], threads=1)
+    assert rel_l2(runner.run(ref["input"]), ref["logits"]) <= 1e-4
+    stages = runner.run_stages(ref["input"])
+    assert rel_l2(stages["stem"], ref["patch_embed"]) <= 1e-4
+    for i in range(4):
+        assert rel_l2(stages[f"stage{i}"], ref[f"stage{i}"]) <= 1e-4
+    assert rel_l2(stages["features"], ref["features"]) <= 1e-4
+
+
+def test_graph_is_static_rank5_and_pads_only_when_needed(artifacts):
+    for key, expect_pad in (("224", False), ("256x192", True)):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(artifacts[key])))
+        ops = Counter(n.op_type for n in model.graph.node)
+        assert ("Pad" in ops) == expect_pad, key
+        assert not {"Shape", "Gather", "NonZero", "Loop", "If"} & set(ops), ops
+        ranks = [len(v.type.tensor_type.shape.dim) for v in model.graph.value_info]
+        assert ranks and max(ranks) <= 5
+        assert [o.name for o in model.graph.output] == ["logits"]
+        assert model.opset_import[0].version >= 17
+
+
+def test_dynamic_batch_items_match_single_runs(artifacts, photo_batches):
+    x = photo_batches[(224, 224)].numpy()
+    runner = open_runner(artifacts["dyn"])
+    together = runner.run(x)
+    alone = np.concatenate([runner.run(x[i:i + 1]) for i in range(len(x))])
+    assert np.abs(together - alone).max() <= 1e-5
+
+
+def test_fp16_keeps_float32_edges_and_stays_close(artifacts, photo_batches):
+    model = onnx.load(str(artifacts["fp16"]))
+    f32 = onnx.TensorProto.FLOAT
+    assert model.graph.input[0].type.tensor_type.elem_type == f32
+    assert model.graph.output[0].type.tensor_type.elem_type == f32
+    x = photo_batches[(224, 224)].numpy()[:1]
+    a, r = open_runner(artifacts["fp16"]).run(x), open_runner(artifacts["224"]).run(x)
+    assert a.dtype == np.float32 and rel_l2(a, r) < 5e-2
+
+
+def test_manifest_is_embedded_and_survives_without_sidecar(artifacts, tmp_path):
+    copy = tmp_path / "renamed.onnx"
+    copy.write_bytes(artifacts["256x192"].read_bytes())
+    manifest = read_manifest(copy)
+    assert manifest["input_size"] == [256, 192] and manifest["num_classes"] == 10
+    assert manifest["weights"]["sha256"] == json.loads(sidecar_path(artifacts["256x192"]).read_text())["weights"]["sha256"]
+    assert manifest["stage_outputs"]["layout"] == "nhwc"
+
+
+@pytest.mark.parametrize("content", [b"this is not an onnx model", b""])
+def test_not_onnx_is_an_artifact_error(tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    with pytest.raises(ArtifactError):
+        read_manifest(bad)
+    with pytest.raises(ArtifactError):
+        open_runner(bad)
+
+
+def test_truncated_onnx_is_an_artifact_error(artifacts, tmp_path):
+    data = artifacts["224"].read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError):
+        open_runner(bad)
+
+
+def test_bad_sizes_and_options_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="multiple of 32"):
+        export(WEIGHTS, img_size="250x192", output=tmp_path, check=False)
+    with pytest.raises(UsageError):
+        export(WEIGHTS, batch="zero", output=tmp_path, check=False)
+    with pytest.raises(UsageError):
+        export(WEIGHTS, precision="int3", output=tmp_path, check=False)
+    assert not list(tmp_path.iterdir()), "a failed export left files behind"
