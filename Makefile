@@ -1,0 +1,33 @@
+# Two entry points on a fresh clone: `make run` (set up, export + check the shipped weights) and
+# `make test` (set up, run the test suite). Set-up installs torch's CPU build first so that the
+# dependency resolver never pulls a multi-GB CUDA build on a CPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/mixformer-deploy export
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m "" 
+
+bench: setup
+	$(BIN)/python benchmarks/onnx_speedup.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache
