@@ -12,7 +12,7 @@ from .errors import InputFileError, UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "hubble_deep_field", "camera")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2

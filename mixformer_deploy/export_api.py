@@ -149,6 +149,8 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
             final = final.with_name(final.name + ".failed")
             result.path = final
         os.replace(tmp, final)
+        if result.parity is not None:
+            result.parity.artifact = str(final)
     finally:
         tmp.unlink(missing_ok=True)
     write_json_atomic(sidecar_path(final), manifest)

@@ -7,11 +7,31 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import MixformerDeployError
 
+class _ErrorMappingGroup(TyperGroup):
+    """The one place where the library's typed errors become one stderr line and the contract's exit
+    code, for the console script and for CliRunner alike."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MixformerDeployError as e:
+            if _state["debug"]:
+                raise
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(
+    cls=_ErrorMappingGroup,
     name="mixformer-deploy",
     help="Ship trained MixFormer weights to edge runtimes, verified for parity and benchmarked.\n\n"
          "Exit codes: 0 ok; 1 a gate failed; 2 usage error; 3 backend/hardware not available; "
@@ -48,40 +68,26 @@ def show_progress() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def fail(message: str, code: int) -> "typer.Exit":
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def _load_commands() -> None:
-    # each module registers its commands on `app`; imported here so that `--help` lists them all
-    from . import bench_cmd, export_cmd, info_cmd, parity_cmd, report_cmd  # noqa: F401
+    # each module registers its commands on `app`; imported here so that `--help` lists them all.
+    # A command module that does not exist (yet) is skipped; any other import failure surfaces.
+    import importlib
+    for name in ("bench_cmd", "export_cmd", "info_cmd", "parity_cmd", "report_cmd"):
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
 
 
 def main() -> None:
+    """Console entry point. Typed errors are mapped inside the app (see _ErrorMappingGroup); what
+    remains here is the last guard: no traceback for anything unexpected unless --debug."""
     _load_commands()
-    debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
-    except MixformerDeployError as e:
-        if debug:
-            raise
-        typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-        sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # click usage errors come here in non-standalone mode
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if debug:
+        app()
+    except Exception as e:
+        if _state["debug"] or "--debug" in sys.argv:
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug)",
                    err=True)

@@ -12,7 +12,7 @@ from ..errors import ParityError
 from .app import app, show_progress
 
 
-@app.command("export")
+@app.command("export", rich_help_panel="Deploy")
 def export_cmd(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="onnx (openvino, coreml, tensorrt/trt, executorch, litert planned).")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="Checkpoint (.safetensors/.pt/.pth/.pdparams). Default: the shipped weights.")] = None,
@@ -51,8 +51,10 @@ def export_cmd(
     else:
         result = export(**kwargs)
     if result.parity is not None and not as_json:
+        from rich.console import Console
+
         from .parity_cmd import print_report
-        print_report(result.parity)
+        print_report(result.parity, Console(stderr=True))
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "parity": result.parity.to_dict() if result.parity else None}, indent=2))
     else:

@@ -1,0 +1,203 @@
+"""`parity` (is the artifact the reference function?) and `predict` (what does it say about my images?)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import CheckpointError, ParityError, UsageError
+from .app import app
+
+PANEL = "Verify"
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _num(v, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _metrics_table(report) -> Table:
+    """Metrics as rows and input sets as columns, so that it stays readable in 80 columns."""
+    cols = {**report.sets, "all inputs": report.overall}
+    table = Table(title="logits: artifact vs PyTorch float32 reference", title_justify="left")
+    table.add_column("metric")
+    for name in cols:
+        table.add_column(name, justify="right")
+    rows = [
+        ("inputs", lambda m: str(m.count)),
+        ("max |a-r|", lambda m: _num(m.max_abs)),
+        ("mean |a-r|", lambda m: _num(m.mean_abs)),
+        ("relative L2", lambda m: _num(m.rel_l2)),
+        ("cosine", lambda m: _num(m.cosine, ".8f")),
+        ("min per-input cosine", lambda m: _num(m.min_sample_cosine, ".8f")),
+        ("top-1 agreement", lambda m: _pct(m.top1_agreement)),
+        ("top-5 agreement", lambda m: _pct(m.top5_agreement)),
+        ("accuracy artifact", lambda m: _pct(m.accuracy_artifact)),
+        ("accuracy reference", lambda m: _pct(m.accuracy_reference)),
+        ("within max-abs bound", lambda m: "yes" if m.max_abs_ok else "[red]no[/red]"),
+    ]
+    for label, cell in rows:
+        if label.startswith("accuracy") and all(m.accuracy_reference is None for m in cols.values()):
+            continue
+        table.add_row(label, *(cell(m) for m in cols.values()))
+    return table
+
+
+def _stage_table(report) -> Table:
+    table = Table(title=f"stages (diverged: relative L2 > {report.stage_tolerance:.3g})", title_justify="left")
+    for name in ("stage", "shape", "max |a-r|", "relative L2", "cosine", ""):
+        table.add_column(name, justify="left" if name in ("stage", "shape", "") else "right")
+    for s in report.stages:
+        table.add_row(s.name, "x".join(map(str, s.shape)), _num(s.max_abs), _num(s.rel_l2), _num(s.cosine, ".6f"),
+                      "[red]diverged[/red]" if s.diverged else "")
+    return table
+
+
+def print_report(report, console: Console) -> None:
+    tol, o, rt, ref = report.tolerance, report.overall, report.runtime, report.reference
+    ref_name = Path(ref["path"]).name if ref.get("path") else "seeded random weights"
+    console.print(f"[bold]{Path(report.artifact).name}[/bold]  runtime {rt.get('runtime')} on {rt.get('device')} "
+                  f"({rt.get('precision')})  reference: {ref_name} ({ref['source']}), PyTorch float32")
+    console.print(f"rule: max|a-r| <= atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|r| "
+                  f"(= {o.bound:.3g}) and cosine >= {tol['min_cosine']:g}; top-1 gated on "
+                  f"{o.gated} of {o.count} inputs with margin > {o.bound:.3g}")
+    console.print(_metrics_table(report))
+    console.print(f"smallest tolerance that passes: atol {o.smallest_atol:.3g} at rtol {tol['rtol']:g} "
+                  f"(or rtol {o.smallest_rtol:.3g} at atol {tol['atol']:g}); min-cosine {o.largest_min_cosine:.8f}")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if report.passed:
+        console.print("[bold green]PASS[/bold green]")
+        return
+    for reason in report.failures:
+        console.print(f"[red]-[/red] {reason}")
+    if report.stages:
+        console.print(_stage_table(report))
+    if report.first_failing_stage:
+        console.print(f"first diverging stage: [bold]{report.first_failing_stage}[/bold]")
+    console.print("[bold red]FAIL[/bold red]")
+
+
+@app.command(rich_help_panel=PANEL)
+def parity(
+    artifact: Annotated[Path, typer.Argument(help="The artifact (.onnx, ...) or a weights file.", show_default=False)],
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", "-w", help="Reference weights. Default: the shipped weights when the artifact was exported "
+                                "from them, else the seeded random model its manifest records.")] = None,
+    inputs: Annotated[Optional[list[str]], typer.Option(
+        "--inputs", "-i", help="[bold]photos[/bold], [bold]random[/bold], [bold]dataset[/bold] (held-out digits) "
+                               "or an image folder; repeat for several. Default: photos + random "
+                               "(+ dataset with the shipped weights).")] = None,
+    atol: Annotated[Optional[float], typer.Option(min=0.0, help="Absolute tolerance (default: the target's).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(min=0.0, help="Relative tolerance, times max|reference|.")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(
+        "--min-cosine", min=-1.0, max=1.0, help="Smallest cosine similarity that passes.")] = None,
+    runtime: Annotated[str, typer.Option(help="Runtime to run the artifact: auto (by its suffix), torch, "
+                                              "onnxruntime, ...")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (for CI).")] = None,
+):
+    """Check that an artifact computes the reference function: exit 0 pass, 1 fail (names the first
+    diverging stage), 4 bad artifact or weights."""
+    from ..manifest import write_json_atomic
+    from ..parity import check_parity
+    from ..reports.junit import write_junit
+
+    if weights is not None and not weights.is_file():
+        raise CheckpointError(f"weights not found: {weights}")
+    report = check_parity(artifact, weights=weights, inputs=inputs, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                          runtime=runtime, device=device)
+    print_report(report, _console())
+    if json_out:
+        write_json_atomic(json_out, report.to_dict())
+    if junit:
+        write_junit(report, junit)
+    if not report.passed:
+        where = f"; first diverging stage: {report.first_failing_stage}" if report.first_failing_stage else ""
+        raise ParityError(f"parity failed: {report.failures[0] if report.failures else 'see report'}{where}")
+
+
+# ---------------------------------------------------------------- predict
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _model_source(artifact: Path | None, weights: Path | None) -> Path:
+    from ..shipped import DEFAULT_WEIGHTS
+
+    if artifact is not None and weights is not None:
+        raise UsageError("give --artifact or --weights, not both")
+    if weights is not None or artifact is None:
+        path = weights if weights is not None else DEFAULT_WEIGHTS
+        if not path.is_file():
+            raise CheckpointError(f"weights not found: {path}" + ("" if weights else " (pass --weights or --artifact)"))
+        return path
+    return artifact
+
+
+def classify(source: Path, images: list[Path], runtime: str, device: str, top: int) -> list[dict]:
+    """Top classes of each image through any runtime, preprocessed as the model's manifest says."""
+    from .. import data
+    from ..parity import artifact_manifest, fixed_batch, run_batched
+    from ..runtimes import open_runner
+
+    manifest = artifact_manifest(source)
+    height, width = (int(v) for v in manifest["input_size"])
+    prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
+    labels = manifest.get("labels")
+    x = np.stack([data.preprocess(data.read_image(p), height, width, prep) for p in images])
+    runner = open_runner(source, runtime, device)
+    try:
+        probs = _softmax(run_batched(runner, x, fixed_batch(manifest)))
+    finally:
+        runner.close()
+    out = []
+    for path, p in zip(images, probs):
+        order = np.argsort(-p, kind="stable")[:top]
+        out.append({"image": str(path), "top": [
+            {"class": int(c), "label": labels[c] if labels and c < len(labels) else str(c), "probability": float(p[c])}
+            for c in order]})
+    return out
+
+
+@app.command(rich_help_panel=PANEL)
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files (png, jpg, ...).", show_default=False)],
+    artifact: Annotated[Optional[Path], typer.Option("--artifact", "-a", help="An exported artifact.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", "-w", help="A weights file (default: the shipped weights).")] = None,
+    runtime: Annotated[str, typer.Option(help="auto (by the file's suffix), torch, onnxruntime, ...")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    top: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """Classify images with an artifact or weights: top classes with labels and probabilities."""
+    results = classify(_model_source(artifact, weights), images, runtime, device, top)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    console = _console()
+    for r in results:
+        table = Table(title=Path(r["image"]).name, title_justify="left")
+        for name, just in (("#", "right"), ("class", "right"), ("label", "left"), ("probability", "right")):
+            table.add_column(name, justify=just)
+        for rank, t in enumerate(r["top"], 1):
+            table.add_row(str(rank), str(t["class"]), t["label"], f"{t['probability']:.4f}")
+        console.print(table)

@@ -1,0 +1,514 @@
+"""Parity: run an artifact and the PyTorch float32 reference on the same inputs and decide if they agree.
+
+The pass rule (DESIGN, per output, over all inputs): max|a - r| <= atol + rtol * max|r| and
+cosine(a, r) >= min_cosine. Top-1 agreement is reported, and gated only on inputs whose reference top-1
+margin exceeds that tolerance (elsewhere a flip is within noise). On failure, the per-stage debug outputs
+of both sides name the first stage that diverges, so a bad rewrite or conversion is found by stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import data
+from .errors import ArtifactError, InputFileError, UsageError
+from .targets.base import Tolerance
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "mixformer-deploy/parity/1"
+KEYWORD_INPUTS = ("photos", "random", "dataset")
+DEFAULT_INPUTS = ("photos", "random")
+RANDOM_COUNT = 4
+LOCALIZE_COUNT = 2       # inputs run through run_stages on failure (a fixed batch uses its own size)
+STAGE_REL_L2_MIN = 1e-3  # good fp32 artifacts sit near 1e-6 per stage; a wrong weight is far above 1e-2
+STAGE_REL_L2_MAX = 0.5
+
+
+# ---------------------------------------------------------------- what the artifact is
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A weights file used directly as an artifact (the torch runtime runs it; it has no target)."""
+    from .checkpoints import SUFFIXES
+    return Path(path).suffix.lower() in SUFFIXES
+
+
+def _meta_json(meta: dict, key: str):
+    try:
+        return json.loads(meta[key]) if key in meta else None
+    except ValueError:
+        log.warning("ignoring unreadable %r in the checkpoint metadata", key)
+        return None
+
+
+def checkpoint_manifest(path: str | Path) -> dict:
+    """A manifest for a checkpoint, from its safetensors metadata, so that weights files and exported
+    artifacts are handled alike (parity of the torch runtime, predict --weights)."""
+    from .checkpoints import load_checkpoint
+    from .shipped import DEFAULT_SIZE, is_shipped
+
+    ck = load_checkpoint(path)
+    meta = ck.metadata
+    size = data.parse_size(meta["input_size"]) if "input_size" in meta else (DEFAULT_SIZE, DEFAULT_SIZE)
+    return {
+        "target": None, "runtime": "torch", "variant": ck.config.name, "config": ck.config.to_dict(),
+        "num_classes": ck.config.num_classes, "labels": _meta_json(meta, "labels"), "input_size": list(size),
+        "batch": "dynamic", "precision": "fp32",
+        "preprocessing": _meta_json(meta, "preprocessing") or data.Preprocessing().to_dict(),
+        "weights": {"name": Path(path).name, "sha256": ck.sha256, "format": ck.format,
+                    "shipped": is_shipped(ck.sha256)},
+        "seed": None, "stage_outputs": None,
+    }
+
+
+def artifact_manifest(path: str | Path) -> dict:
+    """The manifest of an exported artifact, or the one a checkpoint's metadata implies."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    if is_checkpoint(path):
+        return checkpoint_manifest(path)
+    from .manifest import read_manifest
+    return read_manifest(path)
+
+
+def default_tolerance(path: str | Path, precision: str) -> Tolerance:
+    """The target's tolerance for this precision; a checkpoint (torch runtime, fp32) gets the defaults."""
+    if is_checkpoint(path):
+        return Tolerance()
+    from .targets import target_for_file
+    target = target_for_file(path)
+    return target.tolerance(precision) if target else Tolerance()
+
+
+def manifest_summary(m: dict) -> dict:
+    keys = ("target", "variant", "num_classes", "input_size", "batch", "precision", "weights", "seed")
+    return {k: m.get(k) for k in keys}
+
+
+# ---------------------------------------------------------------- the reference
+
+@dataclass
+class Reference:
+    model: object
+    source: str           # "weights" (given), "model" (in memory), "shipped", "seeded", "artifact" (itself)
+    path: str | None
+    sha256: str | None
+
+
+def resolve_reference(artifact: Path, manifest: dict, weights: str | Path | None, warnings: list[str]) -> Reference:
+    """Which float32 weights the artifact must reproduce: --weights, else what the manifest says it was
+    exported from (the shipped weights, or a seeded random model), else a checkpoint artifact's own."""
+    from .checkpoints import load_checkpoint
+    from .shipped import DEFAULT_WEIGHTS, is_shipped
+
+    mw = manifest.get("weights") or {}
+    sha, seed = mw.get("sha256"), manifest.get("seed")
+    if weights is not None:
+        ck = load_checkpoint(weights)
+        if sha and sha != ck.sha256:
+            _warn(warnings, f"{Path(weights).name} is not the weights the artifact was exported from "
+                            f"(sha256 {ck.sha256[:12]} vs {sha[:12]})")
+        elif not sha and seed is not None:
+            _warn(warnings, f"the artifact was exported from seeded random weights (seed {seed}), "
+                            f"not from {Path(weights).name}")
+        ref = Reference(ck.model, "weights", str(weights), ck.sha256)
+    elif sha and is_shipped(sha):
+        ref = Reference(load_checkpoint(DEFAULT_WEIGHTS).model, "shipped", str(DEFAULT_WEIGHTS), sha)
+    elif not sha and seed is not None:
+        ref = Reference(_seeded_model(manifest, int(seed)), "seeded", None, None)
+    elif is_checkpoint(artifact):
+        ck = load_checkpoint(artifact)
+        ref = Reference(ck.model, "artifact", str(artifact), ck.sha256)
+    else:
+        raise UsageError(f"{artifact.name} was exported from {mw.get('name') or 'weights'} (sha256 {str(sha)[:12]}), "
+                         "not the shipped weights: pass them with --weights")
+    check_fit(manifest, ref.model.cfg)
+    return ref
+
+
+def given_reference(source, manifest: dict) -> Reference:
+    """A reference model handed over in memory (export's check of the artifact it just wrote)."""
+    model = getattr(source, "model", source)
+    info = getattr(source, "weights", None) or {}
+    check_fit(manifest, model.cfg)
+    return Reference(model, "model", info.get("name"), info.get("sha256"))
+
+
+def _seeded_model(manifest: dict, seed: int):
+    from .model import create_model
+    cfg = {k: v for k, v in (manifest.get("config") or {}).items() if k != "name"}
+    if not cfg:
+        raise ArtifactError("the manifest records a seed but no model config to rebuild the weights from")
+    return create_model("custom", seed=seed, **cfg)
+
+
+def check_fit(manifest: dict, cfg) -> None:
+    """Weights that do not fit the artifact's architecture make parity meaningless: refuse (exit 4)."""
+    from .model import MixFormerConfig
+
+    classes = manifest.get("num_classes")
+    if classes is not None and int(classes) != cfg.num_classes:
+        raise ArtifactError(f"artifact has {classes} classes, weights have {cfg.num_classes}")
+    if not manifest.get("config"):
+        return
+    mine = MixFormerConfig.from_dict(manifest["config"]).to_dict()
+    theirs = cfg.to_dict()
+    diff = [f"{k} {mine[k]} vs {theirs[k]}" for k in mine if k != "name" and mine[k] != theirs[k]]
+    if diff:
+        raise ArtifactError(f"artifact's architecture differs from the weights': {'; '.join(diff)}")
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    log.warning("%s", message)
+    warnings.append(message)
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class InputSet:
+    name: str
+    x: np.ndarray
+    ids: list[str]
+    labels: np.ndarray | None = None
+
+
+def load_inputs(specs: Sequence[str], height: int, width: int, prep: data.Preprocessing,
+                random_count: int = RANDOM_COUNT) -> list[InputSet]:
+    """photos, seeded random, the held-out digits, or a folder of images, in the order given."""
+    sets = []
+    for spec in dict.fromkeys(specs):  # repeated specs count once
+        if spec == "photos":
+            sets.append(InputSet(spec, *data.photos(height, width, prep)))
+        elif spec == "random":
+            sets.append(InputSet(spec, *data.random_inputs(random_count, height, width, seed=0)))
+        elif spec == "dataset":
+            sets.append(InputSet(spec, *data.heldout_digits(height, width, prep)))
+        elif Path(spec).is_dir():
+            sets.append(InputSet(str(spec), *data.image_folder(spec, height, width, prep)))
+        else:
+            raise InputFileError(f"inputs {spec!r}: neither {', '.join(KEYWORD_INPUTS)} nor an image folder")
+    if not sets:
+        raise UsageError("no inputs to compare on")
+    return sets
+
+
+def fixed_batch(manifest: dict) -> int | None:
+    b = manifest.get("batch")
+    return int(b) if isinstance(b, int) or (isinstance(b, str) and b.isdigit()) else None
+
+
+def _chunks(x: np.ndarray, size: int, fixed: bool):
+    """Slices of ``size``; a fixed-batch artifact takes exactly ``size``, so the last is padded by
+    repeating its final input, and the caller keeps only the first ``n`` outputs."""
+    for i in range(0, len(x), size):
+        part = x[i:i + size]
+        n = len(part)
+        if fixed and n < size:
+            part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
+        yield np.ascontiguousarray(part), n
+
+
+def run_batched(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> np.ndarray:
+    outs = [np.asarray(runner.run(part), dtype=np.float32)[:n]
+            for part, n in _chunks(x, batch or batch_size, batch is not None)]
+    return np.concatenate(outs)
+
+
+def run_stages_batched(runner, x: np.ndarray, batch: int | None) -> dict[str, np.ndarray]:
+    part, n = next(_chunks(x, batch or len(x), batch is not None))
+    return {k: np.asarray(v, dtype=np.float32)[:n] for k, v in runner.run_stages(part).items()}
+
+
+# ---------------------------------------------------------------- metrics
+
+@dataclass
+class OutputMetrics:
+    """How one output (the logits) of the artifact compares with the reference over a set of inputs."""
+
+    count: int
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    min_sample_cosine: float
+    top1_agreement: float
+    top5_agreement: float          # inputs whose top-5 classes are the same set
+    top1_disagreements: int
+    gated: int                     # inputs whose reference top-1 margin exceeds the tolerance
+    gated_disagreements: int
+    nonfinite: int                 # NaN/Inf values in the artifact's output
+    max_ref_abs: float             # the scale rtol multiplies (over all inputs)
+    bound: float                   # atol + rtol * max_ref_abs
+    smallest_atol: float           # the smallest atol that would have passed at this rtol
+    smallest_rtol: float           # the smallest rtol that would have passed at this atol
+    largest_min_cosine: float      # the largest min-cosine that would have passed
+    max_abs_ok: bool
+    cosine_ok: bool
+    top1_ok: bool
+    accuracy_artifact: float | None = None
+    accuracy_reference: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_ok and self.cosine_ok and self.top1_ok
+
+    def failures(self, tol: Tolerance) -> list[str]:
+        """One readable reason per broken part of the pass rule, with the numbers."""
+        out = []
+        if self.nonfinite:
+            out.append(f"{self.nonfinite} non-finite value(s) in the artifact's logits")
+        if not self.max_abs_ok:
+            out.append(f"max|a-r| {_g(self.max_abs)} > {_g(self.bound)} (atol {tol.atol:g} + rtol {tol.rtol:g} "
+                       f"x max|r| {_g(self.max_ref_abs)})")
+        if not self.cosine_ok:
+            out.append(f"cosine {self.cosine:.8f} < {tol.min_cosine:g}")
+        if not self.top1_ok:
+            out.append(f"top-1 differs on {self.gated_disagreements} of {self.gated} inputs whose reference "
+                       f"margin exceeds {_g(self.bound)}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {**_clean(asdict(self)), "passed": self.passed}
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _clean(d: dict) -> dict:
+    """Non-finite floats become null so that the report is strict JSON."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+def _cosine(a: np.ndarray, r: np.ndarray) -> float:
+    na, nr = np.linalg.norm(a), np.linalg.norm(r)
+    if na == 0 or nr == 0:
+        return 1.0 if na == nr else 0.0
+    return float(np.dot(a, r) / (na * nr))
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    return np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
+
+
+def compare_outputs(a: np.ndarray, r: np.ndarray, tol: Tolerance, scale: float | None = None,
+                    labels: np.ndarray | None = None) -> OutputMetrics:
+    """Metrics of artifact logits ``a`` against reference ``r`` (N x classes). ``scale`` is max|r| over
+    all inputs, so that every input set is judged by the same bound as the whole."""
+    a64, r64 = a.astype(np.float64).reshape(len(a), -1), r.astype(np.float64).reshape(len(r), -1)
+    diff = np.abs(a64 - r64)
+    scale = float(np.abs(r64).max()) if scale is None else float(scale)
+    bound = tol.atol + tol.rtol * scale
+    max_abs = float(diff.max())
+    cos = _cosine(a64.ravel(), r64.ravel())
+    n, classes = r64.shape
+    k = min(5, classes)
+    agree = a64.argmax(1) == r64.argmax(1)
+    top2 = np.sort(r64, axis=1)[:, -2:] if classes > 1 else np.full((n, 2), [-np.inf, 0.0])
+    gated = (top2[:, 1] - top2[:, 0]) > bound
+    rel_l2 = float(np.linalg.norm(a64 - r64) / max(np.linalg.norm(r64), np.finfo(np.float64).tiny))
+    m = OutputMetrics(
+        count=n, max_abs=max_abs, mean_abs=float(diff.mean()), rel_l2=rel_l2, cosine=cos,
+        min_sample_cosine=min(_cosine(x, y) for x, y in zip(a64, r64)),
+        top1_agreement=float(agree.mean()), top5_agreement=float((_topk(a64, k) == _topk(r64, k)).all(1).mean()),
+        top1_disagreements=int((~agree).sum()), gated=int(gated.sum()),
+        gated_disagreements=int((gated & ~agree).sum()), nonfinite=int((~np.isfinite(a64)).sum()),
+        max_ref_abs=scale, bound=bound, smallest_atol=max(0.0, max_abs - tol.rtol * scale),
+        smallest_rtol=max(0.0, (max_abs - tol.atol) / scale) if scale > 0 else float("inf"),
+        largest_min_cosine=cos, max_abs_ok=bool(max_abs <= bound), cosine_ok=bool(cos >= tol.min_cosine),
+        top1_ok=bool(not (gated & ~agree).any()))
+    if labels is not None:
+        m.accuracy_artifact = float((a64.argmax(1) == labels).mean())
+        m.accuracy_reference = float((r64.argmax(1) == labels).mean())
+    return m
+
+
+# ---------------------------------------------------------------- localization
+
+@dataclass
+class StageError:
+    name: str
+    shape: list[int]
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    diverged: bool
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+
+def stage_tolerance(tol: Tolerance, scale: float) -> float:
+    """Relative L2 a stage may reach before it counts as diverged: 10x the pass rule's relative scale,
+    clamped so fp32 noise (~1e-6) never trips it and a wrong weight (>1e-2) always does."""
+    relative = tol.rtol + (tol.atol / scale if scale > 0 else 0.0)
+    return float(min(STAGE_REL_L2_MAX, max(STAGE_REL_L2_MIN, 10 * relative)))
+
+
+def compare_stages(artifact: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                   threshold: float) -> list[StageError]:
+    """Each stage both sides expose, in the reference's order (stem, stage0..N, features, logits)."""
+    out = []
+    for name, r in reference.items():
+        if name not in artifact:
+            continue
+        a = artifact[name]
+        if a.shape != r.shape:
+            out.append(StageError(name, list(a.shape), float("inf"), float("inf"), 0.0, True))
+            continue
+        a64, r64 = a.astype(np.float64).ravel(), r.astype(np.float64).ravel()
+        rel = float(np.linalg.norm(a64 - r64) / max(np.linalg.norm(r64), np.finfo(np.float64).tiny))
+        rel = rel if np.isfinite(rel) else float("inf")
+        out.append(StageError(name, list(r.shape), float(np.abs(a64 - r64).max()), rel, _cosine(a64, r64),
+                              bool(rel > threshold)))
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+@dataclass
+class ParityReport:
+    artifact: str
+    manifest: dict
+    runtime: dict                   # the artifact runner's describe()
+    reference: dict                 # where the reference weights came from
+    tolerance: dict
+    inputs: list[dict]              # name and count of each input set
+    sets: dict[str, OutputMetrics]
+    overall: OutputMetrics
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    stages: list[StageError] | None = None
+    stage_tolerance: float | None = None
+    first_failing_stage: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    created: str = ""
+    seconds: float = 0.0            # wall time of the whole check
+
+    def summary(self) -> dict:
+        """The few numbers an artifact's manifest records about its check."""
+        return _clean(_summary(self))
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA, "artifact": self.artifact, "passed": self.passed, "failures": self.failures,
+            "first_failing_stage": self.first_failing_stage, "manifest": self.manifest, "runtime": self.runtime,
+            "reference": self.reference, "tolerance": self.tolerance, "inputs": self.inputs,
+            "sets": {k: v.to_dict() for k, v in self.sets.items()}, "overall": self.overall.to_dict(),
+            "stage_tolerance": self.stage_tolerance,
+            "stages": None if self.stages is None else [s.to_dict() for s in self.stages],
+            "warnings": self.warnings, "versions": self.versions, "created": self.created,
+            "seconds": self.seconds,
+        }
+
+
+def _summary(report: "ParityReport") -> dict:
+    o = report.overall
+    accuracy = {name: {"artifact": m.accuracy_artifact, "reference": m.accuracy_reference}
+                for name, m in report.sets.items() if m.accuracy_reference is not None}
+    return {"passed": report.passed, "inputs": report.inputs, "tolerance": report.tolerance,
+            **{k: getattr(o, k) for k in ("max_abs", "mean_abs", "rel_l2", "cosine", "min_sample_cosine",
+                                          "top1_agreement", "top5_agreement", "smallest_atol")},
+            "accuracy": accuracy or None, "first_failing_stage": report.first_failing_stage,
+            "runtime": report.runtime, "reference": report.reference.get("source"), "created": report.created}
+
+
+def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs: Sequence[str] | None = None,
+                 atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
+                 runtime: str = "auto", device: str = "cpu", batch_size: int = 16,
+                 random_count: int = RANDOM_COUNT, weights_model=None) -> ParityReport:
+    """Compare ``artifact`` with PyTorch eager float32 of its reference weights.
+
+    ``weights``: a weights file; ``weights_model``: an already loaded reference instead (a MixFormer, or
+    export's source with ``.model`` and a ``.weights`` info dict), so that export does not load it twice.
+    ``inputs``: any of photos, random, dataset, or image folders; the default is photos + random, plus
+    the held-out digits when the reference is the shipped weights. Tolerances default to the target's for
+    the artifact's precision. Raises ArtifactError when the artifact is bad or does not fit the weights;
+    a failed comparison is not an error here: read ``report.passed``.
+    """
+    from .manifest import now_iso, tool_versions
+    from .runtimes import open_runner
+    from .runtimes.torch_runner import TorchRunner
+    from .shipped import is_shipped
+
+    start = time.perf_counter()
+    artifact = Path(artifact)
+    manifest = artifact_manifest(artifact)
+    warnings: list[str] = []
+    ref = (given_reference(weights_model, manifest) if weights_model is not None
+           else resolve_reference(artifact, manifest, weights, warnings))
+    tol = _tolerance(artifact, manifest, atol, rtol, min_cosine)
+    height, width = (int(v) for v in manifest["input_size"])
+    prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
+    shipped = is_shipped(ref.sha256)
+    if inputs is None:
+        inputs = DEFAULT_INPUTS + (("dataset",) if shipped else ())
+    elif "dataset" in inputs and not shipped:
+        _warn(warnings, "the held-out digits are the shipped weights' data set: accuracy on them means "
+                        "little for other weights")
+    sets = load_inputs(inputs, height, width, prep, random_count)
+    batch = fixed_batch(manifest)
+
+    reference = TorchRunner(ref.model)
+    runner = open_runner(artifact, runtime, device)
+    try:
+        log.info("parity of %s (%s) against %s on %s", artifact.name, runner.key, ref.path or "seeded weights",
+                 ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
+        outs = {s.name: (run_batched(runner, s.x, batch, batch_size), run_batched(reference, s.x, None, batch_size))
+                for s in sets}
+        all_a = np.concatenate([a for a, _ in outs.values()])
+        all_r = np.concatenate([r for _, r in outs.values()])
+        overall = compare_outputs(all_a, all_r, tol)
+        per_set = {s.name: compare_outputs(*outs[s.name], tol, overall.max_ref_abs, s.labels) for s in sets}
+        report = ParityReport(
+            artifact=str(artifact), manifest=manifest_summary(manifest), runtime=runner.describe(),
+            reference={"source": ref.source, "path": ref.path, "sha256": ref.sha256, **reference.describe()},
+            tolerance=asdict(tol), inputs=[{"name": s.name, "count": len(s.x)} for s in sets],
+            sets=per_set, overall=overall, passed=overall.passed, failures=overall.failures(tol),
+            warnings=warnings, versions=tool_versions(), created=now_iso())
+        if not report.passed:
+            _localize(report, runner, reference, sets, all_a, all_r, batch, tol)
+    finally:
+        runner.close()
+        reference.close()
+    report.seconds = round(time.perf_counter() - start, 3)
+    log.info("parity %s: max|a-r| %s, cosine %.8f", "passed" if report.passed else "FAILED",
+             _g(overall.max_abs), overall.cosine)
+    return report
+
+
+def _tolerance(artifact: Path, manifest: dict, atol, rtol, min_cosine) -> Tolerance:
+    base = default_tolerance(artifact, manifest.get("precision") or "fp32")
+    return Tolerance(atol=base.atol if atol is None else float(atol),
+                     rtol=base.rtol if rtol is None else float(rtol),
+                     min_cosine=base.min_cosine if min_cosine is None else float(min_cosine))
+
+
+def _localize(report: ParityReport, runner, reference, sets: list[InputSet], all_a: np.ndarray,
+              all_r: np.ndarray, batch: int | None, tol: Tolerance) -> None:
+    """Run the worst inputs stage by stage on both sides and name the first stage that diverges."""
+    x = np.concatenate([s.x for s in sets])
+    err = np.nan_to_num(np.abs(all_a - all_r).reshape(len(x), -1).max(1), nan=np.inf)
+    worst = x[np.argsort(-err, kind="stable")[:batch or LOCALIZE_COUNT]]
+    threshold = stage_tolerance(tol, report.overall.max_ref_abs)
+    stages = compare_stages(run_stages_batched(runner, worst, batch), run_stages_batched(reference, worst, None),
+                            threshold)
+    report.stages, report.stage_tolerance = stages, threshold
+    report.first_failing_stage = next((s.name for s in stages if s.diverged), None)
+    if len(stages) <= 1:
+        _warn(report.warnings, "the artifact exposes no per-stage outputs: cannot localize the divergence")
+    elif report.first_failing_stage:
+        s = next(s for s in stages if s.diverged)
+        log.info("first diverging stage: %s (relative L2 %s > %s)", s.name, _g(s.rel_l2), _g(threshold))
+    else:
+        log.info("no stage's relative L2 exceeds %s: the error accumulates gradually", _g(threshold))
