@@ -32,6 +32,8 @@ _DERIVED = ("relative_position_index", "num_batches_tracked")
 _PADDLE_INTERNAL = "StructuredToParameterName@@"
 _WRAPPERS = ("state_dict", "model_ema", "ema", "model", "module", "net", "network", "params")
 _PREFIXES = ("module.", "model.", "_orig_mod.", "ema.", "backbone.")
+# torch.save(..., _use_new_zipfile_serialization=False) opens with this pickled magic number
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -98,8 +100,12 @@ def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path.name}: refused to load: {first[:200]}") from e
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        why = (f"it would import {found.group(1)}; only tensors and plain containers are read "
+               "(save model.state_dict(), not the model object)") if found else (
+            " ".join(text.split())[:200] or "unsafe content")
+        raise CheckpointError(f"{path.name}: refused to load: {why}") from e
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -119,14 +125,17 @@ def read_raw(path: str | Path) -> tuple[dict, str]:
     if not head:
         raise CheckpointError(f"{path.name}: file is empty")
     try:
-        if path.suffix == ".pdparams" or (head[:1] == b"\x80" and not zipfile.is_zipfile(path)):
+        if path.suffix == ".pdparams" or (head[:1] == b"\x80" and not head.startswith(_TORCH_LEGACY_MAGIC)
+                                          and not zipfile.is_zipfile(path)):
             fmt, raw = "paddle", _read_pdparams(path)
         elif path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
             fmt, raw = "safetensors", _read_safetensors(path)
         else:
             fmt, raw = "torch", _read_torch(path)
-    except CheckpointError:
-        raise
+    except CheckpointError as e:
+        if str(e).startswith(f"{path.name}:"):
+            raise
+        raise CheckpointError(f"{path.name}: {e}") from e  # name the file (the unpickler cannot)
     except Exception as e:  # corrupt / truncated / not a checkpoint: one line, no traceback
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise CheckpointError(f"{path.name}: not a readable checkpoint ({type(e).__name__}: {msg})") from e

@@ -10,6 +10,9 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
+# The test models are tiny: one thread avoids idle-thread spinning on a busy 2-core CI machine.
+torch.set_num_threads(1)
+
 
 def rel_l2(a, r) -> float:
     a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
