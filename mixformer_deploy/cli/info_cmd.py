@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
@@ -203,7 +204,7 @@ def _print_human(info: dict) -> None:
         for k in ("dataset", "heldout_accuracy", "labels"):
             if k in meta:
                 v = meta[k]
-                t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+                t.add_row(k, escape(", ".join(map(str, v)) if isinstance(v, list) else str(v)))
     else:
         t.add_row("weights", f"[yellow]seeded random (seed {w['seed']})[/]: latency and parity only, not accuracy")
     console.print(t)
@@ -215,7 +216,7 @@ def _print_human(info: dict) -> None:
         note = e["note"].removeprefix("not installed: ")
         notes = ", ".join(e["devices"]) + ("; " if e["devices"] and note else "") + note
         b.add_row(key, e["package"], e["version"] or "[dim]not installed[/]", _yes(e["can_export"]),
-                  _yes(e["can_run"]), notes)
+                  _yes(e["can_run"]), escape(notes))
     console.print(b)
 
     g = Table(title="Hardware", show_header=False, title_justify="left")
