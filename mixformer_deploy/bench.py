@@ -1,0 +1,583 @@
+"""Latency benchmarks over any Runner: warm-up and timing policy, statistics, interleaving, FLOP floor.
+
+Why it is shaped like this:
+- each subject (an artifact, or the PyTorch reference of the same weights) lives in its own worker
+  process (spawn), so its peak memory is its own and one runtime's threads never share a process with
+  another's;
+- the parent alternates short rounds between the workers ("run k iterations", raw timings back), so all
+  subjects share the machine's drift (thermal, other jobs) instead of one getting the quiet minute;
+- warm-up is by time with a minimum count, measurement runs for a minimum time *and* count, and every raw
+  sample is kept, so a later run can be compared with a noise-aware test (mixformer_deploy.regression);
+- the FLOP floor (2 x MACs over this machine's float32 matmul rate, measured in the same run with the same
+  threads) says how far each row is from what the arithmetic alone costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import errors
+from .errors import InputFileError, MixformerDeployError, UsageError
+
+log = logging.getLogger(__name__)
+
+REFERENCE_NAME = "torch eager reference"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How long and how often to run. Defaults suit a quiet machine; CI uses shorter ones."""
+
+    warmup_s: float = 1.0
+    warmup_min_iters: int = 3
+    duration_s: float = 5.0
+    min_iters: int = 20
+    round_s: float | None = None   # one worker's share of a round; default min(0.25 s, duration / 10)
+    noise_cv: float = 0.10         # warn above this coefficient of variation
+    input_seed: int = 0
+
+    def __post_init__(self):
+        if self.warmup_s < 0 or self.duration_s < 0 or self.min_iters < 1 or self.warmup_min_iters < 0:
+            raise UsageError("warm-up and duration must be >= 0 s and --min-iters >= 1")
+
+    @property
+    def round_seconds(self) -> float:
+        return self.round_s if self.round_s else max(0.005, min(0.25, self.duration_s / 10))
+
+
+@dataclass
+class Subject:
+    """One thing to time: how its worker opens it, and what it is (for the report)."""
+
+    name: str
+    role: str                  # "artifact" (a file a runner opens) | "reference" (torch fp32 eager) | "model"
+    runtime: str
+    device: str
+    threads: int
+    manifest: dict             # the artifact's full manifest (a checkpoint's implied one)
+    path: str | None = None    # the artifact; for a reference, the file it was resolved against
+    weights: str | None = None  # reference only: weights file (None: what the manifest names)
+    precision: str = "fp32"
+    deploy: bool = False       # torch only: time the deploy form instead of the reference form
+    notes: list[str] = field(default_factory=list)  # warnings found while resolving it
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.manifest.get("input_size") or (224, 224)
+        return int(h), int(w)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        b = self.manifest.get("batch")
+        return b if isinstance(b, int) and self.role == "artifact" else None
+
+
+# ---------------------------------------------------------------- subjects
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def artifact_subject(path: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None) -> Subject:
+    """An exported artifact (or a weights file, which the torch runtime runs) and its manifest."""
+    from .parity import artifact_manifest
+    from .runtimes import RUNTIMES, runtime_for
+
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(f"artifact not found: {p}")
+    key = runtime_for(p) if runtime in (None, "auto") else runtime
+    if key not in RUNTIMES:
+        raise UsageError(f"unknown runtime {key!r}: choose one of auto, {', '.join(RUNTIMES)}")
+    m = artifact_manifest(p)
+    return Subject(p.name, "artifact", key, device, threads or available_cores(), m, str(p),
+                   precision=m.get("precision") or "fp32")
+
+
+def reference_subject(first: Subject, weights: str | Path | None = None) -> Subject:
+    """PyTorch eager float32 of the weights ``first`` was exported from (checked in the parent now, so a
+    wrong --weights fails before any worker starts)."""
+    from .parity import resolve_reference
+
+    if weights is not None and not Path(weights).is_file():
+        raise InputFileError(f"weights not found: {weights}")
+    warnings: list[str] = []
+    ref = resolve_reference(Path(first.path or first.name), first.manifest, weights, warnings)
+    manifest = {**first.manifest, "batch": "dynamic", "precision": "fp32", "target": None, "runtime": "torch"}
+    if ref.sha256:
+        manifest["weights"] = {**(manifest.get("weights") or {}), "sha256": ref.sha256}
+    variant = manifest.get("variant") or "custom"
+    return Subject(f"{REFERENCE_NAME} ({variant})", "reference", "torch", first.device, first.threads, manifest,
+                   first.path, ref.path, notes=warnings)
+
+
+def model_subject(variant: str, *, weights: str | Path | None = None, seed: int = 0, num_classes: int = 1000,
+                  input_size: tuple[int, int] = (224, 224), precision: str = "fp32", deploy: bool = False,
+                  device: str = "cpu", threads: int | None = None, name: str | None = None) -> Subject:
+    """The torch runtime on given weights or a seeded random model, reference or deploy form, fp32 or
+    fp16: what the GPU check times, where no exported artifact exists."""
+    from .model import variant_config
+
+    if weights is not None:
+        from .parity import checkpoint_manifest
+        manifest = checkpoint_manifest(weights)
+    else:
+        cfg = variant_config(variant, num_classes=num_classes)
+        manifest = {"variant": cfg.name, "config": cfg.to_dict(), "num_classes": num_classes,
+                    "weights": {"sha256": None}, "seed": seed}
+    manifest.update(input_size=list(input_size), batch="dynamic", precision=precision, target=None, runtime="torch")
+    form = "deploy" if deploy else "reference"
+    name = name or f"{manifest['variant']} torch {form} {precision}"
+    role = "reference" if form == "reference" and precision == "fp32" else "model"
+    return Subject(name, role, "torch", device, threads or available_cores(), manifest,
+                   str(weights) if weights else None, str(weights) if weights else None, precision, deploy)
+
+
+def _unique_names(subjects: list[Subject]) -> list[Subject]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in subjects:
+        seen[s.name] = seen.get(s.name, 0) + 1
+        out.append(s if seen[s.name] == 1 else replace(s, name=f"{s.name} #{seen[s.name]}"))
+    return out
+
+
+# ---------------------------------------------------------------- the worker process
+
+def _open(subject: Subject):
+    if subject.role == "artifact":
+        from .runtimes import open_runner
+        return open_runner(subject.path, subject.runtime, subject.device, subject.threads)
+    from .parity import resolve_reference
+    from .runtimes.torch_runner import TorchRunner
+    ref = resolve_reference(Path(subject.path or subject.name), subject.manifest, subject.weights, [])
+    return TorchRunner(ref.model, subject.device, subject.precision, subject.deploy, subject.threads)
+
+
+def rss_bytes() -> int | None:
+    try:
+        import psutil
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process (the worker).
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own memory map. Not
+    getrusage's ru_maxrss: it carries over the parent's peak through fork + exec, so every spawned
+    worker would report at least the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+    except ImportError:
+        pass
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except ImportError:
+        return None
+
+
+def _device_peak() -> int | None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return None
+
+
+def _time(runner, x: np.ndarray, k: int, lead_in: bool = False) -> list[int]:
+    """k timed iterations, each run + sync, in nanoseconds. ``lead_in``: one untimed iteration first, so
+    that the switch from another worker (cold caches, its idle thread pool still spinning) is not timed."""
+    if lead_in:
+        runner.run(x)
+        runner.sync()
+    out = []
+    for _ in range(k):
+        t0 = time.perf_counter_ns()
+        runner.run(x)
+        runner.sync()
+        out.append(time.perf_counter_ns() - t0)
+    return out
+
+
+def _warm_up(runner, x: np.ndarray, seconds: float, min_iters: int) -> list[int]:
+    times: list[int] = []
+    end = time.perf_counter_ns() + int(seconds * 1e9)
+    while len(times) < min_iters or time.perf_counter_ns() < end:
+        times += _time(runner, x, 1)
+    return times
+
+
+def _worker_main(conn, subject: Subject) -> None:
+    """Serve the parent's commands until "close"; errors go back as (type name, message)."""
+    from .data import random_inputs
+
+    runner, x, seed = None, None, 0
+    try:
+        rss0 = rss_bytes()
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "close":
+                break
+            if cmd == "load":
+                seed = args[0]
+                t0 = time.perf_counter_ns()
+                runner = _open(subject)
+                load_ms = (time.perf_counter_ns() - t0) / 1e6
+                reply = {"load_ms": load_ms, "rss_before_load_bytes": rss0, "describe": runner.describe()}
+            elif cmd == "batch":
+                x = random_inputs(args[0], *subject.input_size, seed=seed)[0]
+                reply = _time(runner, x, 1)[0]
+            elif cmd == "warmup":
+                reply = _warm_up(runner, x, *args)
+            elif cmd == "run":
+                reply = _time(runner, x, args[0], lead_in=args[0] > 1)
+            elif cmd == "memory":
+                reply = {"peak_rss_bytes": peak_rss_bytes(), "peak_device_memory_bytes": _device_peak()}
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            conn.send(("ok", reply))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except Exception as e:  # noqa: BLE001 - every failure goes back to the parent as one typed line
+        name = type(e).__name__ if isinstance(e, MixformerDeployError) else "MixformerDeployError"
+        text = str(e) if isinstance(e, MixformerDeployError) else f"{type(e).__name__}: {e}"
+        conn.send(("error", name, " ".join(text.split())[:500]))
+    finally:
+        if runner is not None:
+            runner.close()
+        conn.close()
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, ctx, subject: Subject):
+        self.subject = subject
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, subject), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def call(self, *message):
+        try:
+            self.conn.send(message)
+            while not self.conn.poll(0.5):
+                if not self.proc.is_alive() and not self.conn.poll():
+                    raise EOFError
+            status, *reply = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            raise MixformerDeployError(f"{self.subject.name}: benchmark worker exited (code {self.proc.exitcode}) "
+                                       "without answering (its stderr says why; code that starts benchmarks must be importable, "
+                                       "e.g. a script with an `if __name__ == \"__main__\":` guard)") from None
+        if status == "error":
+            cls = getattr(errors, reply[0], MixformerDeployError)
+            raise cls(f"{self.subject.name}: {reply[1]}")
+        return reply[0]
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("close",))
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+# ---------------------------------------------------------------- statistics
+
+def latency_stats(samples_ms: Sequence[float]) -> dict:
+    """Percentiles (numpy's linear interpolation), mean, sample std (ddof=1), min, max, in ms; cv unitless."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no samples")
+    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return {"p50": float(p50), "p90": float(p90), "p95": float(p95), "p99": float(p99), "mean": mean,
+            "std": std, "min": float(a.min()), "max": float(a.max()), "cv": std / mean if mean > 0 else 0.0}
+
+
+def throughput(batch: int, mean_ms: float) -> float:
+    """Images per second over the whole measurement (total images / total time)."""
+    return batch * 1000.0 / mean_ms if mean_ms > 0 else float("nan")
+
+
+# ---------------------------------------------------------------- FLOP floor
+
+def matmul_rate(device: str = "cpu", threads: int | None = None, n: int | None = None, repeats: int = 7) -> dict:
+    """Best-of-``repeats`` float32 n x n matrix-multiply rate, in GFLOP/s, with the benchmark's threads."""
+    import torch
+
+    n = n or (4096 if device.startswith("cuda") else 1024)
+    dev = torch.device(device)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, n, generator=gen).to(dev) for _ in range(2))
+        c = torch.empty(n, n, device=dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        torch.mm(a, b, out=c)
+        sync()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            torch.mm(a, b, out=c)
+            sync()
+            best = min(best, time.perf_counter_ns() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return {"gflops": 2 * n ** 3 / best, "n": n, "dtype": "float32", "device": device,
+            "threads": threads or old, "repeats": repeats}
+
+
+_MACS: dict[tuple, int] = {}
+
+
+def macs_per_image(manifest: dict) -> int | None:
+    """Multiply-adds of one image of the manifest's architecture and input size (None if unknown)."""
+    import json
+
+    from .model import MixFormer, MixFormerConfig, count_macs, variant_config
+
+    h, w = manifest.get("input_size") or (224, 224)
+    try:
+        cfg = (MixFormerConfig.from_dict(manifest["config"]) if manifest.get("config")
+               else variant_config(manifest["variant"], num_classes=manifest.get("num_classes") or 1000))
+    except (KeyError, MixformerDeployError, TypeError) as e:
+        log.warning("no FLOP floor: cannot tell the architecture (%s)", e)
+        return None
+    key = (json.dumps(cfg.to_dict(), sort_keys=True), int(h), int(w))
+    if key not in _MACS:
+        _MACS[key] = int(count_macs(MixFormer(cfg).eval(), int(h), int(w)))
+    return _MACS[key]
+
+
+# ---------------------------------------------------------------- the run
+
+Progress = Callable[[float, str], None]
+
+
+def plan(subjects: Sequence[Subject], batches: Sequence[int]) -> tuple[list[tuple[int, list[int]]], list[dict]]:
+    """Which subjects run at which batch: a fixed-batch artifact runs only its own batch size."""
+    groups, skipped = [], []
+    for b in batches:
+        group = []
+        for i, s in enumerate(subjects):
+            if s.fixed_batch is not None and s.fixed_batch != b:
+                skipped.append({"artifact": s.name, "batch": b,
+                                "reason": f"fixed batch {s.fixed_batch} (export with --batch dynamic or {b})"})
+            else:
+                group.append(i)
+        if group:
+            groups.append((b, group))
+    return groups, skipped
+
+
+def _enough(samples: list[int], policy: Policy) -> float:
+    """Fraction of the measurement target reached (1.0 = enough time and iterations)."""
+    t = sum(samples) / 1e9 / policy.duration_s if policy.duration_s > 0 else 1.0
+    return min(1.0, t, len(samples) / policy.min_iters)
+
+
+def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Callable[[float], None]) -> dict:
+    """First inference, warm-up, then interleaved rounds until every worker has enough samples."""
+    first = {w: w.call("batch", batch) for w in workers}
+    est = {}
+    for w in workers:
+        warm = w.call("warmup", policy.warmup_s, policy.warmup_min_iters)
+        est[w] = float(np.median(warm)) if warm else 1e6
+    samples: dict[_Worker, list[int]] = {w: [] for w in workers}
+    order = list(workers)
+    while True:
+        progress = min(_enough(samples[w], policy) for w in workers)
+        tick(progress)
+        if progress >= 1.0:
+            break
+        for w in order:
+            k = max(1, min(100_000, int(policy.round_seconds * 1e9 / max(est[w], 1.0))))
+            times = w.call("run", k)
+            samples[w] += times
+            est[w] = float(np.median(times))
+        order = order[1:] + order[:1]  # rotate, so no subject always runs right after the same one
+    return {w: (first[w], samples[w]) for w in workers}
+
+
+def _row(subject: Subject, index: int, info: dict, batch: int, first_ns: int, samples_ns: list[int],
+         memory: dict, policy: Policy) -> dict:
+    samples_ms = [round(t / 1e6, 5) for t in samples_ns]
+    stats = latency_stats(samples_ms)
+    d = info["describe"]
+    h, w = subject.input_size
+    row = {
+        "artifact": subject.name, "index": index, "role": subject.role,
+        "runtime": d.get("runtime", subject.runtime), "device": d.get("device", subject.device),
+        "precision": d.get("precision", subject.precision), "form": d.get("form"),
+        "variant": subject.manifest.get("variant"), "input_size": [h, w], "batch": batch,
+        "threads": subject.threads, "first_inference_ms": first_ns / 1e6, "iterations": len(samples_ms),
+        "latency_ms": {k: v for k, v in stats.items() if k != "cv"}, "cv": stats["cv"],
+        "throughput_ips": throughput(batch, stats["mean"]), **memory,
+        "ratio_to_first": None, "ratio_to_reference": None, "floor_ms": None, "floor_fraction": None,
+        "warnings": [], "samples_ms": samples_ms,
+    }
+    if stats["cv"] > policy.noise_cv:
+        msg = (f"{subject.name} batch {batch}: noisy, CV {stats['cv']:.0%} > {policy.noise_cv:.0%} "
+               "(quiet the machine, pin threads, or run longer)")
+        log.warning("%s", msg)
+        row["warnings"].append(msg)
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Each row's p50 over the first subject's (and the reference's) p50 at the same batch."""
+    for b in {r["batch"] for r in rows}:
+        same = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["index"])
+        ref = next((r for r in same if r["role"] == "reference"), None)
+        for r in same:
+            r["ratio_to_first"] = r["latency_ms"]["p50"] / same[0]["latency_ms"]["p50"]
+            if ref is not None:
+                r["ratio_to_reference"] = r["latency_ms"]["p50"] / ref["latency_ms"]["p50"]
+
+
+def _add_floor(rows: list[dict], macs: dict[str, int | None], rate: dict | None) -> None:
+    if not rate:
+        return
+    for r in rows:
+        m = macs.get(r["artifact"])
+        if m:
+            r["floor_ms"] = r["batch"] * 2 * m / (rate["gflops"] * 1e9) * 1e3
+            r["floor_fraction"] = r["floor_ms"] / r["latency_ms"]["p50"]
+
+
+def _size_bytes(path: str | None) -> int | None:
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.is_file() else None
+
+
+def _artifact_entry(s: Subject, index: int, info: dict, memory: dict, macs: int | None) -> dict:
+    m = s.manifest
+    weights = m.get("weights") or {}
+    return {
+        "name": s.name, "index": index, "role": s.role, "path": s.path if s.role == "artifact" else s.weights,
+        "runtime": s.runtime, "device": s.device, "threads": s.threads,
+        "precision": info["describe"].get("precision", s.precision), "form": info["describe"].get("form"),
+        "size_bytes": _size_bytes(s.path if s.role == "artifact" else s.weights),
+        "load_ms": info["load_ms"], "rss_before_load_bytes": info["rss_before_load_bytes"], **memory,
+        "macs_per_image": macs, "runner": info["describe"], "warnings": list(s.notes),
+        "manifest": {"target": m.get("target"), "variant": m.get("variant"), "input_size": list(s.input_size),
+                     "precision": m.get("precision"), "batch": m.get("batch"), "num_classes": m.get("num_classes"),
+                     "weights_sha256": weights.get("sha256"), "seed": m.get("seed")},
+    }
+
+
+def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,), policy: Policy = Policy(),
+                       floor: bool = True, progress: Progress | None = None) -> dict:
+    """Time every subject at every batch it can run, interleaved; returns the bench/1 JSON document."""
+    from .reports.bench_json import build_document
+
+    subjects = _unique_names(list(subjects))
+    batches = sorted(set(int(b) for b in batches))
+    if not subjects or not batches or min(batches) < 1:
+        raise UsageError("nothing to benchmark: give at least one artifact and positive batch sizes")
+    groups, skipped = plan(subjects, batches)
+    if not groups:
+        raise UsageError("nothing is runnable: every artifact has a fixed batch other than "
+                         f"{', '.join(map(str, batches))}")
+    for s in skipped:
+        log.warning("skipping %s at batch %d: %s", s["artifact"], s["batch"], s["reason"])
+    used = sorted({i for _, g in groups for i in g})
+    tick = progress or (lambda fraction, text: None)
+    ctx = multiprocessing.get_context("spawn")
+    workers = {i: _Worker(ctx, subjects[i]) for i in used}
+    rows = []
+    device, threads = subjects[used[0]].device, subjects[used[0]].threads
+    try:
+        tick(0.0, "counting multiply-adds")  # while the workers start
+        macs = {subjects[i].name: macs_per_image(subjects[i].manifest) for i in used} if floor else {}
+        infos = {}
+        for i in used:  # one at a time, so that load times do not compete
+            tick(0.0, f"loading {subjects[i].name}")
+            infos[i] = workers[i].call("load", policy.input_seed)
+        tick(0.0, "measuring the float32 matmul rate")
+        rate = matmul_rate(device, threads) if floor else None
+        for gi, (batch, group) in enumerate(groups):
+            label = f"batch {batch}"
+            measured = _measure_batch([workers[i] for i in group], batch, policy,
+                                      lambda f, gi=gi, label=label: tick((gi + f) / len(groups), label))
+            for i in group:
+                first, samples = measured[workers[i]]
+                rows.append(_row(subjects[i], i, infos[i], batch, first, samples, workers[i].call("memory"), policy))
+        memory = {i: workers[i].call("memory") for i in used}
+    finally:
+        for w in workers.values():
+            w.close()
+    _add_ratios(rows)
+    _add_floor(rows, macs, rate)
+    artifacts = [_artifact_entry(subjects[i], i, infos[i], memory[i], macs.get(subjects[i].name)) for i in used]
+    settings = {**asdict(policy), "round_s": policy.round_seconds, "batches": batches, "device": device,
+                "threads": threads, "timer": "time.perf_counter_ns around run + sync",
+                "inputs": f"seeded standard-normal, seed {policy.input_seed}"}
+    floor_info = {"matmul": rate, "macs_per_image": macs} if floor else None
+    return build_document(artifacts=artifacts, results=rows, skipped=skipped, settings=settings,
+                          floor=floor_info, device=device, threads=threads,
+                          notes=[f"{subjects[i].name}: {n}" for i in used for n in subjects[i].notes])
+
+
+def benchmark(artifacts: Sequence[str | Path], runtime: str = "auto", device: str = "cpu",
+              batches: Sequence[int] = (1,), threads: int | None = None, policy: Policy = Policy(),
+              with_reference: bool = False, weights: str | Path | None = None, floor: bool = True,
+              progress: Progress | None = None) -> dict:
+    """Time artifacts (and, with_reference, PyTorch eager of the same weights) through their runners.
+
+    Returns the ``mixformer-deploy/bench/1`` document (see benchmarks/SCHEMA.md); never prints.
+    """
+    if not artifacts:
+        raise UsageError("give at least one artifact to benchmark")
+    threads = threads or available_cores()
+    subjects = [artifact_subject(a, runtime, device, threads) for a in artifacts]
+    if with_reference:
+        subjects.append(reference_subject(subjects[0], weights))
+    elif weights is not None:
+        log.warning("--weights is used only with --with-reference; ignoring it")
+    return benchmark_subjects(subjects, batches, policy, floor, progress)
+
+
+__all__ = ["Policy", "Subject", "artifact_subject", "reference_subject", "model_subject", "benchmark",
+           "benchmark_subjects", "latency_stats", "throughput", "matmul_rate", "macs_per_image", "plan",
+           "peak_rss_bytes", "available_cores"]

@@ -1,0 +1,46 @@
+"""Benchmark results as one self-contained-looking HTML page (plots are PNG files beside it), from the same
+sections as the Markdown report."""
+
+from __future__ import annotations
+
+from html import escape
+
+from .markdown import INTRO, sections
+
+STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+         "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}")
+
+
+def _table(headers, rows) -> str:
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(secs: list[dict], plots: dict[str, str] | None = None,
+                title: str = "MixFormer latency report") -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1><p>{escape(INTRO)}</p>"]
+    for s in secs:
+        parts.append(f"<h2>{escape(s['title'])}</h2>")
+        parts.append(_table(["", ""], s["facts"]))
+        parts.append(_table(s["headers"], s["rows"]))
+        if s.get("regression"):
+            r = s["regression"]
+            parts.append(f"<h3>Regression gate: {escape(r['verdict'])} (threshold "
+                         f"+{r['threshold'] * 100:.3g}%, baseline {escape(r['baseline'])})</h3>")
+            parts.append(_table(*r["table"]))
+            parts += [f"<p>{escape(m)}</p>" for m in r["messages"]]
+        if s["notes"]:
+            parts.append("<p>Warnings:</p><ul>" + "".join(f"<li>{escape(n)}</li>" for n in s["notes"]) + "</ul>")
+    for caption, path in (plots or {}).items():
+        parts.append(f"<figure><img src='{escape(path)}' alt='{escape(caption)}'>"
+                     f"<figcaption>{escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def bench_html(docs: list[dict], plots: dict[str, str] | None = None) -> str:
+    return render_html(sections(docs), plots)

@@ -1,0 +1,118 @@
+"""PNG plots of benchmark results (matplotlib, Agg backend, imported only here: extra ``plot``).
+
+Plots: the latency distribution of every row from its raw samples (box plots: median, quartiles, 1st-99th
+percentile whiskers), p50 latency against batch size, and the speed-up against the reference (or the
+first artifact). Rows from several machines are labelled with the machine's slug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backends import require
+from .markdown import machine_key, series_name, speedup
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "plot")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def labelled_rows(docs: list[dict]) -> list[tuple[str, str, dict]]:
+    """(label, series, row) for every result. The series (one line in the latency-against-batch plot) names
+    the subject, its machine when several are shown, and its run when it occurs in several runs; the label
+    adds the batch."""
+    several = len({machine_key(d) for d in docs}) > 1
+    named = [(i, series_name(r, machine_key(d) if several else None), r)
+             for i, d in enumerate(docs) for r in d["results"]]
+    runs: dict[str, set] = {}
+    for i, name, _ in named:
+        runs.setdefault(name, set()).add(i)
+    rows = []
+    for i, name, r in named:
+        series = f"{name} (run {i + 1})" if len(runs[name]) > 1 else name
+        rows.append((f"{series} b{r['batch']}", series, r))
+    return rows
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def latency_distribution(rows: list[tuple[str, str, dict]], path: str | Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)))
+    data = [r["samples_ms"] for _, _, r in rows]
+    try:  # matplotlib >= 3.10 spells it orientation=; older ones vert=
+        ax.boxplot(data, orientation="horizontal", whis=(1, 99), showfliers=False, widths=0.6)
+    except TypeError:
+        ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, widths=0.6)
+    ax.set_yticks(range(1, len(rows) + 1), [label for label, _, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    lo, hi = min(min(d) for d in data), max(max(d) for d in data)
+    if lo > 0 and hi / lo > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("latency per batch (ms); box: quartiles, whiskers: 1st-99th percentile")
+    ax.set_title("Latency distribution")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def latency_vs_batch(rows: list[tuple[str, str, dict]], path: str | Path) -> Path:
+    plt = _pyplot()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for _, name, r in rows:
+        series.setdefault(name, []).append((r["batch"], r["latency_ms"]["p50"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in series.items():
+        points.sort()
+        ax.plot([b for b, _ in points], [p for _, p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for _, _, r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("p50 latency per batch (ms)")
+    ax.set_title("Latency against batch size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def speedups(rows: list[tuple[str, str, dict]], path: str | Path) -> Path:
+    plt = _pyplot()
+    values = [(label, *speedup(r)) for label, _, r in rows if r["role"] != "reference"]
+    values = [(label, s, against) for label, s, against in values if s is not None]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.4 * max(1, len(values))))
+    bars = ax.barh(range(len(values)), [s for _, s, _ in values], color="tab:blue")
+    ax.bar_label(bars, [f"{s:.2f}x" for _, s, _ in values], padding=3, fontsize=8)
+    ax.set_yticks(range(len(values)), [f"{label} (vs {against})" for label, _, against in values], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", lw=1)
+    ax.set_xlabel("speed-up of p50 latency (x, higher is faster)")
+    ax.set_title("Speed-up against the reference / first artifact")
+    return _save(fig, path)
+
+
+def report_plots(docs: list[dict], out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Write every plot that has something to show; caption -> path."""
+    rows = labelled_rows(docs)
+    out = Path(out_dir)
+    plots = {"Latency distribution": latency_distribution(rows, out / f"{stem}-latency.png")}
+    batches: dict[str, set] = {}
+    for _, name, r in rows:
+        batches.setdefault(name, set()).add(r["batch"])
+    if any(len(b) > 1 for b in batches.values()):
+        plots["Latency against batch size"] = latency_vs_batch(rows, out / f"{stem}-batch.png")
+    if len(rows) > 1:
+        plots["Speed-up"] = speedups(rows, out / f"{stem}-speedup.png")
+    return plots
