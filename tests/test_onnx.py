@@ -88,7 +88,7 @@ def test_manifest_is_embedded_and_survives_without_sidecar(artifacts, tmp_path):
     manifest = read_manifest(copy)
     assert manifest["input_size"] == [256, 192] and manifest["num_classes"] == 10
     assert manifest["weights"]["sha256"] == json.loads(sidecar_path(artifacts["256x192"]).read_text())["weights"]["sha256"]
-    assert manifest["stage_outputs"]["layout"] == "nhwc"
+    assert manifest["stage_outputs"]["layout"] == "tokens"
 
 
 @pytest.mark.parametrize("content", [b"this is not an onnx model", b""])

@@ -9,21 +9,20 @@ from torch import nn
 
 
 def partition(x: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
-    """(B, h, w, C) -> (B*nW, ws*ws, C), windows image-major then row-major, with rank <= 5.
+    """Tokens of (B, h, w) maps, (B*h*w, C) -> window tokens (B*nW*ws*ws, C), windows image-major then
+    row-major, tokens row-major inside a window.
 
     The batch is folded with the window-row axis so that no rank-6 tensor appears and no size is
     computed at run time (the batch stays a free -1 axis).
     """
     c = x.shape[-1]
-    x = x.reshape(-1, ws, w // ws, ws, c).permute(0, 2, 1, 3, 4)
-    return x.reshape(-1, ws * ws, c)
+    return x.reshape(-1, ws, w // ws, ws, c).permute(0, 2, 1, 3, 4).reshape(-1, c)
 
 
 def reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
-    """(B*nW, ws*ws, C) -> (B, h, w, C), the inverse of ``partition``."""
+    """Window tokens (B*nW*ws*ws, C) -> map tokens (B*h*w, C), the inverse of ``partition``."""
     c = windows.shape[-1]
-    x = windows.reshape(-1, w // ws, ws, ws, c).permute(0, 2, 1, 3, 4)
-    return x.reshape(-1, h, w, c)
+    return windows.reshape(-1, w // ws, ws, ws, c).permute(0, 2, 1, 3, 4).reshape(-1, c)
 
 
 class TokenBatchNorm(nn.Module):
@@ -99,11 +98,11 @@ class WindowAttention(nn.Module):
         super().__init__()
         self.qkv, self.rel_bias, self.heads, self.scale = qkv, rel_bias, heads, scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[1], x.shape[2]
-        h, d = self.heads, x.shape[2] // self.heads
-        qkv = self.qkv(x).reshape(-1, n, 3 * h, d).permute(0, 2, 1, 3)
-        q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Window tokens (B*nW*n, C) -> attention output (B*nW, n, C)."""
+        c = x.shape[-1]
+        h, d = self.heads, c // self.heads
+        q, k, v = self.qkv(x).reshape(-1, n, 3 * h, d).permute(0, 2, 1, 3).split(h, dim=1)
         if self.scale != 1.0:
             q = q * self.scale
         attn = torch.softmax(q @ k.transpose(-2, -1) + self.rel_bias(), dim=-1)

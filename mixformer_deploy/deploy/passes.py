@@ -82,9 +82,10 @@ def fold_conv_branch_norm(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, DeployBlock) and isinstance(m.conv_norm, TokenBatchNorm):
             scale, shift = _bn_affine(m.conv_norm.bn)
-            m.projection.weight.copy_(m.projection.weight.double() * scale.reshape(-1, 1, 1, 1))
-            m.projection.bias.copy_(m.projection.bias.double() * scale)
-            m.conv_norm = ChannelBias(shift.to(m.projection.weight.dtype))
+            proj = m.projection.seq[0]
+            proj.weight.copy_(proj.weight.double() * scale.reshape(-1, 1, 1, 1))
+            proj.bias.copy_(proj.bias.double() * scale)
+            m.conv_norm = ChannelBias(shift.to(proj.weight.dtype))
             count += 1
     return _require(count, "fold_conv_branch_norm")
 

@@ -89,7 +89,7 @@ class OnnxRuntimeRunner(Runner):
         outs = self._debug_session.run([self.session.get_outputs()[0].name, *tensors.values()],
                                        {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         result = {k: np.asarray(v, dtype=np.float32) for k, v in zip(names, outs)}
-        return to_reference_layout(result) if stages.get("layout") == "nhwc" else result
+        return to_reference_layout(result, stages) if stages.get("layout") == "tokens" else result
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.session.get_providers()}

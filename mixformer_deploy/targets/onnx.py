@@ -92,7 +92,7 @@ class OnnxTarget(Target):
             del model.graph.output[:]
             model.graph.output.extend(kept)
             _drop_dead_nodes(model.graph)
-            manifest["stage_outputs"] = {"layout": "nhwc", "tensors": dict(zip(names, debug_names))}
+            manifest["stage_outputs"] = {**deploy_model.stage_layout(), "tensors": dict(zip(names, debug_names))}
         manifest.update({"opset": opset, "nodes": {"exported": nodes_exported, "shipped": len(model.graph.node)}})
         embed = model.metadata_props.add()
         embed.key, embed.value = EMBED_KEY, json.dumps(manifest)
