@@ -28,6 +28,7 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/onnx_speedup.py
+	$(BIN)/python benchmarks/run_suite.py benchmarks/suite-cpu.toml
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
