@@ -117,3 +117,102 @@ def test_bad_sizes_and_options_are_usage_errors(tmp_path):
     with pytest.raises(UsageError):
         export(WEIGHTS, precision="int3", output=tmp_path, check=False)
     assert not list(tmp_path.iterdir()), "a failed export left files behind"
+
+
+# ---------------------------------------------------------------- the export and parity commands
+
+from typer.testing import CliRunner  # noqa: E402
+
+from mixformer_deploy.cli.app import _load_commands, app  # noqa: E402
+
+_load_commands()
+
+
+def _cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result, result.exit_code
+
+
+def _one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in result.stderr
+    return lines[-1]
+
+
+def test_tampered_onnx_fails_parity_and_names_the_stage(artifacts, tmp_path):
+    from onnx import numpy_helper
+
+    model = onnx.load(str(artifacts["224"]))
+    target = next(i for i in model.graph.initializer if "stages.2." in i.name and numpy_helper.to_array(i).size > 1)
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * 1.5, target.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    result, code = _cli("parity", tampered, "--weights", WEIGHTS, "--inputs", "random",
+                        "--junit", tmp_path / "p.xml", "--json", tmp_path / "p.json")
+    assert code == 1
+    assert "stage2" in _one_error_line(result)
+    assert json.loads((tmp_path / "p.json").read_text())["first_failing_stage"] == "stage2"
+    assert 'failures="0"' not in (tmp_path / "p.xml").read_text()
+
+
+def test_good_onnx_passes_parity_from_the_file_alone(artifacts, tmp_path):
+    lone = tmp_path / "copied.onnx"
+    lone.write_bytes(artifacts["256x192"].read_bytes())
+    result, code = _cli("parity", lone, "--weights", WEIGHTS, "--inputs", "photos", "--inputs", "random")
+    assert code == 0, result.stderr
+
+
+def test_onnx_that_does_not_fit_the_weights_is_exit_4(artifacts, tmp_path):
+    from mixformer_deploy import create_model
+    from mixformer_deploy.checkpoints import save_safetensors
+
+    other = save_safetensors(create_model("custom", num_classes=7, embed_dim=16, depths=(1, 1, 2, 1),
+                                          num_heads=(1, 2, 4, 8), seed=1), tmp_path / "seven.safetensors")
+    result, code = _cli("parity", artifacts["224"], "--weights", other)
+    assert code == 4 and "classes" in _one_error_line(result)
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not onnx")
+    result, code = _cli("parity", bad, "--weights", WEIGHTS)
+    assert code == 4
+    _one_error_line(result)
+
+
+def test_export_cli_contract(tmp_path):
+    out = tmp_path / "out"
+    result, code = _cli("export", "--weights", WEIGHTS, "--img-size", "256x192", "--output", out)
+    assert code == 0, result.stderr
+    path = out / "mixformer-custom-256x192-b1-fp32.onnx"
+    assert result.stdout.strip().splitlines()[-1] == str(path) and path.is_file()
+    assert json.loads(sidecar_path(path).read_text())["parity"]["passed"] is True
+    result, code = _cli("export", "--weights", WEIGHTS, "--img-size", "250", "--output", out)
+    assert code == 2 and "multiple of 32" in _one_error_line(result)
+    result, code = _cli("export", "--weights", tmp_path / "missing.pt", "--output", out)
+    assert code == 4 and "not found" in _one_error_line(result)
+    assert sorted(p.name for p in out.iterdir()) == [path.name, path.name + ".json"]
+
+
+def test_failing_export_is_kept_aside_and_exits_1(tmp_path, monkeypatch):
+    from mixformer_deploy.targets.base import Tolerance
+    from mixformer_deploy.targets.onnx import OnnxTarget
+
+    monkeypatch.setattr(OnnxTarget, "tolerances", {"fp32": Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)})
+    result, code = _cli("export", "--weights", WEIGHTS, "--img-size", "224", "--output", tmp_path, "--json")
+    assert code == 1
+    failed = tmp_path / "mixformer-custom-224x224-b1-fp32.onnx.failed"
+    assert failed.is_file() and not (tmp_path / "mixformer-custom-224x224-b1-fp32.onnx").exists()
+    assert json.loads(sidecar_path(failed).read_text())["parity"]["passed"] is False
+    assert json.loads(result.stdout)["passed"] is False
+
+
+def test_export_with_no_arguments_uses_the_shipped_weights(tmp_path, monkeypatch):
+    from mixformer_deploy.shipped import DEFAULT_WEIGHTS
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip("the shipped weights are not in this checkout")
+    monkeypatch.chdir(tmp_path)
+    result, code = _cli("export")
+    assert code == 0, result.stderr
+    path = tmp_path / "artifacts" / "mixformer-b0-32x32-b1-fp32.onnx"
+    assert result.stdout.strip().splitlines()[-1] == "artifacts/mixformer-b0-32x32-b1-fp32.onnx" and path.is_file()
+    parity = json.loads(sidecar_path(path).read_text())["parity"]
+    assert parity["passed"] is True
