@@ -9,7 +9,6 @@ derived buffers are dropped (and recomputed by the model), and loading is strict
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math

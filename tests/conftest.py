@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,18 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
-# The test models are tiny: one thread avoids idle-thread spinning on a busy 2-core CI machine.
+# The test models are tiny: one thread avoids idle-thread spinning on a busy 2-core CI machine (10x slower).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI's root callback points logging at CliRunner's stream, which closes after each call."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def rel_l2(a, r) -> float:

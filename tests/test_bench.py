@@ -4,7 +4,6 @@ short durations)."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -26,16 +25,6 @@ FAST = ["--threads", "1", "--warmup-s", "0.05", "--duration-s", "0.2", "--min-it
 
 _load_commands()
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI's root callback points logging at the runner's stream, which closes after each call."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def invoke(*args):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import logging
 import os
 import pickle
 import pickletools
@@ -27,26 +26,6 @@ DERIVED = ("relative_position_index", "num_batches_tracked")
 
 _load_commands()
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes idle OpenMP
-    workers spin (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI's root callback points logging at the runner's stream, which closes after each call."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

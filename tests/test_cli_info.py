@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -25,26 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _load_commands()
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes idle OpenMP
-    workers spin (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI's root callback points logging at the runner's stream, which closes after each call."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def invoke(*args):

@@ -18,16 +18,6 @@ DATA = Path(__file__).parent / "data"
 TINY = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes idle OpenMP
-    workers spin (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel_l2(a, r) -> float:
     a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
     return float(np.linalg.norm(a - r) / np.linalg.norm(r))

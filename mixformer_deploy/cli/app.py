@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 import os
 import sys
 
@@ -61,6 +62,19 @@ def _root(
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch", "onnxslim", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def quiet_logger(name: str):
+    """Hold back a library logger's info lines while a command works (it prints its own summary, and an
+    error stays the only stderr line)."""
+    lg = logging.getLogger(name)
+    old = lg.level
+    lg.setLevel(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
 
 
 def show_progress() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ import typer
 
 from ..errors import GateError, UsageError
 from ..runtimes import RUNTIMES
-from .app import app, show_progress
+from .app import app, show_progress, quiet_logger
 
 PANEL = "Measure"
 MIB = 2 ** 20
@@ -30,18 +29,6 @@ def parse_batches(text: str) -> list[int]:
     if not batches or min(batches) < 1:
         raise UsageError(f"bad --batch {text!r}: comma-separated positive integers, e.g. 1,8")
     return batches
-
-
-@contextmanager
-def _quiet(logger: str):
-    """Hold back a library logger's info lines (e.g. each checkpoint load's "inferred ..." line)."""
-    lg = logging.getLogger(logger)
-    old = lg.level
-    lg.setLevel(max(old, logging.WARNING))
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
 
 
 @contextmanager
@@ -132,7 +119,7 @@ def bench(
         from ..backends import require
         require("matplotlib", "plot")
     policy = Policy(warmup_s=warmup_s, duration_s=duration_s, min_iters=min_iters)
-    with progress_bar() as tick, _quiet("mixformer_deploy.checkpoints"):
+    with progress_bar() as tick, quiet_logger("mixformer_deploy.checkpoints"):
         doc = benchmark(artifacts, runtime.value, device, batches, threads, policy, with_reference, weights,
                         floor=not no_floor, progress=tick)
     if base is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
-from .app import app
+from .app import app, quiet_logger
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +34,6 @@ class Variant(str, Enum):
 
 
 # ---------------------------------------------------------------- helpers shared by both commands
-
-@contextmanager
-def _quiet(logger_name: str):
-    """Hold back a library logger's info lines (the CLI prints its own summary after success, and an error
-    stays the only stderr line)."""
-    lg = logging.getLogger(logger_name)
-    old = lg.level
-    lg.setLevel(max(old, logging.WARNING))
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
-
 
 def parse_size(text: str, what: str = "--img-size") -> tuple[int, int]:
     """'224' -> (224, 224); '256x192' -> (256, 192) (height x width)."""
@@ -109,7 +95,7 @@ def _resolve_model(weights: Path | None, variant: Variant | None, num_classes: i
         raise CheckpointError(f"the shipped weights {path} are not there: pass --weights PATH, or --variant B0..B6 "
                               "for seeded random weights")
     name = None if variant in (None, Variant.auto) else variant.value
-    with _quiet("mixformer_deploy.checkpoints"):
+    with quiet_logger("mixformer_deploy.checkpoints"):
         ck = load_checkpoint(path, name, num_classes)
     facts = {"source": "file", "path": str(ck.path.resolve()), "sha256": ck.sha256, "format": ck.format,
              "size_bytes": ck.path.stat().st_size, "shipped": is_shipped(ck.sha256)}
@@ -287,7 +273,7 @@ def convert_weights_file(src: Path, out: Path, variant: str | None = None, num_c
     size = parse_size(img_size) if img_size is not None else None
     variant = as_variant(variant)
     name = None if variant in (None, Variant.auto) else variant.value
-    with _quiet("mixformer_deploy.checkpoints"):
+    with quiet_logger("mixformer_deploy.checkpoints"):
         ck = load_checkpoint(src, name, num_classes)
     if size is not None:
         check_input_size(ck.config, *size)
