@@ -129,8 +129,10 @@ def read_raw(path: str | Path) -> tuple[dict, str]:
             fmt, raw = "paddle", _read_pdparams(path)
         elif path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
             fmt, raw = "safetensors", _read_safetensors(path)
-        else:
+        elif zipfile.is_zipfile(path) or head[:1] == b"\x80":
             fmt, raw = "torch", _read_torch(path)
+        else:
+            raise CheckpointError("not a checkpoint (neither a PyTorch zip or pickle, safetensors, nor Paddle file)")
     except CheckpointError as e:
         if str(e).startswith(f"{path.name}:"):
             raise

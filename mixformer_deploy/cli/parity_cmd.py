@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import CheckpointError, ParityError, UsageError
-from .app import app
+from .app import app, quiet_logger
 
 PANEL = "Verify"
 
@@ -107,7 +107,7 @@ def parity(
         "--min-cosine", min=-1.0, max=1.0, help="Smallest cosine similarity that passes.")] = None,
     runtime: Annotated[str, typer.Option(help="Runtime to run the artifact: auto (by its suffix), torch, "
                                               "onnxruntime, ...")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (the GPU when the runtime has one here, else cpu), cpu or cuda[:N].")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (for CI).")] = None,
 ):
@@ -163,7 +163,8 @@ def classify(source: Path, images: list[Path], runtime: str, device: str, top: i
     prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
     labels = manifest.get("labels")
     x = np.stack([data.preprocess(data.read_image(p), height, width, prep) for p in images])
-    runner = open_runner(source, runtime, device)
+    with quiet_logger("mixformer_deploy.checkpoints"):  # already reported by artifact_manifest
+        runner = open_runner(source, runtime, device)
     try:
         probs = _softmax(run_batched(runner, x, fixed_batch(manifest)))
     finally:
@@ -184,7 +185,7 @@ def predict(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", "-w", help="A weights file (default: the shipped weights).")] = None,
     runtime: Annotated[str, typer.Option(help="auto (by the file's suffix), torch, onnxruntime, ...")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (the GPU when the runtime has one here, else cpu), cpu or cuda[:N].")] = "auto",
     top: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):

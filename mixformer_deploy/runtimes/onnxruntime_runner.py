@@ -19,6 +19,8 @@ class OnnxRuntimeRunner(Runner):
         self.ort = require("onnxruntime", "onnx")
         self.path, self.device, self.threads = Path(path), device, threads
         providers = self.ort.get_available_providers()
+        if device == "auto":  # the CUDA execution provider when this onnxruntime has one
+            device = self.device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in providers:
                 raise MissingBackendError("onnxruntime has no CUDA execution provider here "
@@ -27,7 +29,7 @@ class OnnxRuntimeRunner(Runner):
         elif device == "cpu":
             self.providers = ["CPUExecutionProvider"]
         else:
-            raise UsageError(f"onnxruntime runs on cpu or cuda, not {device!r}")
+            raise UsageError(f"onnxruntime runs on auto, cpu or cuda, not {device!r}")
         self.session = self._session(str(self.path) if self.path.is_file() else None)
         self.input_name = self.session.get_inputs()[0].name
         self.precision = self._manifest().get("precision", "fp32")

@@ -13,12 +13,14 @@ from .base import Runner
 
 
 def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise MissingBackendError(f"device {device!r} requested but torch sees no CUDA GPU here")
         return torch.device(device)
     if device != "cpu":
-        raise UsageError(f"the torch runtime runs on cpu or cuda, not {device!r}")
+        raise UsageError(f"the torch runtime runs on auto, cpu or cuda, not {device!r}")
     return torch.device("cpu")
 
 
@@ -29,10 +31,10 @@ class TorchRunner(Runner):
                  deploy: bool = False, threads: int | None = None):
         if precision not in ("fp32", "fp16"):
             raise UsageError(f"the torch runtime runs fp32 or fp16, not {precision!r}")
-        if precision == "fp16" and not device.startswith("cuda"):
+        if precision == "fp16" and resolve_device(device).type != "cuda":
             raise UsageError("fp16 in the torch runtime needs --device cuda (CPU half precision is not a deploy path)")
-        self.device, self.precision, self.deploy, self.threads = device, precision, deploy, threads
         self._dev = resolve_device(device)
+        self.device, self.precision, self.deploy, self.threads = str(self._dev), precision, deploy, threads
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
         self.reference = model.eval()
         self._models: dict[tuple[int, int], torch.nn.Module] = {}
