@@ -216,3 +216,46 @@ def test_export_with_no_arguments_uses_the_shipped_weights(tmp_path, monkeypatch
     assert result.stdout.strip().splitlines()[-1] == "artifacts/mixformer-b0-32x32-b1-fp32.onnx" and path.is_file()
     parity = json.loads(sidecar_path(path).read_text())["parity"]
     assert parity["passed"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["224", "256x192"])
+def test_full_size_paddle_b1_through_onnx(tmp_path, size):
+    """A full-size B1 in the official Paddle layout (key names of keys_B1.txt, Linear weights [in, out],
+    BatchNorm _mean/_variance, the Paddle-internal name map) -> ONNX -> onnxruntime matches PyTorch."""
+    import pickle
+
+    import torch
+
+    from mixformer_deploy import create_model
+    from mixformer_deploy.data import photos
+
+    model = create_model("B1", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        a = v.numpy().T.copy() if k.endswith(".weight") and v.ndim == 2 else v.numpy()
+        state[k.replace("running_mean", "_mean").replace("running_var", "_variance")] = a
+    official = {line.split("\t")[0] for line in (DATA / "keys_B1.txt").read_text().splitlines()}
+    assert set(state) == official
+    state["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(state)}
+    path = tmp_path / "b1.pdparams"
+    path.write_bytes(pickle.dumps(state, protocol=4))
+
+    result = export(path, img_size=size, output=tmp_path)
+    assert result.passed and result.manifest["variant"] == "B1" and result.manifest["num_classes"] == 1000
+    h, w = result.manifest["input_size"]
+    x = photos(h, w)[0]
+    runner = open_runner(result.path)
+    got = np.concatenate([runner.run(x[i:i + 1]) for i in range(len(x))])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert rel_l2(got, want) <= 1e-4
