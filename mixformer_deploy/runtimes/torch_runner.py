@@ -3,6 +3,7 @@ fp32 or fp16, reference model or deploy form)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,19 @@ class TorchRunner(Runner):
         return cls(load_checkpoint(Path(artifact)).model, device, precision, deploy, threads)
 
     def _model_for(self, h: int, w: int) -> torch.nn.Module:
-        if (h, w) not in self._models:
-            model = self.reference
+        """The module to run at this size: the reference itself on CPU fp32, else a converted copy (the
+        caller's model is never moved or cast); the deploy form is built per static size."""
+        key = (h, w) if self.deploy else None
+        if key not in self._models:
             if self.deploy:
                 from ..deploy import to_deploy
-                model = to_deploy(model, (h, w))
-            self._models[(h, w)] = model.to(self._dev, self._dtype).eval() if (
-                self.deploy or self._dev.type != "cpu" or self._dtype != torch.float32) else model
-        return self._models[(h, w)]
+                model = to_deploy(self.reference, (h, w))
+            elif self._dev.type != "cpu" or self._dtype != torch.float32:
+                model = copy.deepcopy(self.reference)
+            else:
+                model = self.reference
+            self._models[key] = model.to(self._dev, self._dtype).eval()
+        return self._models[key]
 
     @torch.no_grad()
     def run(self, batch: np.ndarray) -> np.ndarray:
