@@ -62,7 +62,9 @@ def print_results(doc: dict) -> None:
         table.add_row(*result_row(r, sizes.get(r["artifact"])))
     console.print(table)
     for a in doc["artifacts"]:
-        line = f"{a['name']}: load {a['load_ms']:.0f} ms"
+        firsts = ", ".join(f"b{r['batch']} {r['first_inference_ms']:.1f} ms" for r in doc["results"]
+                           if r["artifact"] == a["name"])
+        line = f"{a['name']}: load {a['load_ms']:.0f} ms, first inference {firsts}"
         if a.get("peak_rss_bytes") and a.get("rss_before_load_bytes"):
             line += (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB "
                      f"(+{(a['peak_rss_bytes'] - a['rss_before_load_bytes']) / MIB:.0f} MiB over the idle worker)")
