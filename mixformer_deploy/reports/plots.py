@@ -99,7 +99,7 @@ def speedups(rows: list[tuple[str, str, dict]], path: str | Path) -> Path:
     ax.invert_yaxis()
     ax.axvline(1.0, color="grey", lw=1)
     ax.set_xlabel("speed-up of p50 latency (x, higher is faster)")
-    ax.set_title("Speed-up against the reference / first artifact")
+    ax.set_title("Speed-up vs reference (or first artifact)", loc="right")
     return _save(fig, path)
 
 
