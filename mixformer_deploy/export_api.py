@@ -127,9 +127,10 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
            num_classes: int | None = None, inputs: tuple[str, ...] | None = None) -> ExportResult:
     """Export weights to a target's artifact and (unless check=False) gate it on parity."""
     tgt = get_target(target)
+    n = parse_batch(batch)
+    tgt.check(precision, opset)  # before any weights are read
     source = load_source(weights, variant, num_classes)
     h, w = resolve_size(source, img_size)
-    n = parse_batch(batch)
     deploy = _to_deploy(source.model, h, w)
     manifest = base_manifest(source, tgt.key, tgt.runtime, h, w, n, precision, (tgt.extra, tgt.runtime, "onnxslim"))
     manifest["rewrite_error_rel_l2"] = rewrite_error(source.model, deploy, h, w)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -36,6 +38,11 @@ class Target(ABC):
     runtime: str = ""              # the runtime key that runs this target's artifacts
     precisions: tuple[str, ...] = ("fp32",)
     tolerances: dict[str, Tolerance] = {}
+
+    def check(self, precision: str, opset: int | None) -> None:
+        """Reject options this target cannot honour, before any weights are read (UsageError)."""
+        if precision not in self.precisions:
+            raise UsageError(f"{self.key} exports {' or '.join(self.precisions)}, not {precision!r}")
 
     @abstractmethod
     def export(self, deploy_model: torch.nn.Module, options: ExportOptions, out: Path, manifest: dict) -> dict:

@@ -62,11 +62,8 @@ class OnnxTarget(Target):
 
     def export(self, deploy_model, options: ExportOptions, out: Path, manifest: dict) -> dict:
         onnx = require("onnx", self.extra)
-        if options.precision not in self.precisions:
-            raise UsageError(f"onnx exports {' or '.join(self.precisions)}, not {options.precision!r}")
+        self.check(options.precision, options.opset)
         opset = options.opset or DEFAULT_OPSET
-        if opset < 17:
-            raise UsageError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
         names = deploy_model.stage_names()[:-1]
         debug_names = [DEBUG_PREFIX + n for n in names]
         module = _Exportable(deploy_model, options.precision == "fp16", options.debug_outputs).eval()
@@ -111,6 +108,11 @@ class OnnxTarget(Target):
             return slim.slim(model)
         except Exception as e:
             raise ExportError(f"onnxslim failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+
+    def check(self, precision: str, opset: int | None) -> None:
+        super().check(precision, opset)
+        if opset is not None and opset < 17:
+            raise UsageError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
 
     def read_embedded(self, path: Path) -> dict | None:
         model = load_onnx(path, load_weights=False)
