@@ -37,6 +37,10 @@ class TorchRunner(Runner):
         self._dev = resolve_device(device)
         self.device, self.precision, self.deploy, self.threads = str(self._dev), precision, deploy, threads
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
+        if self._dev.type == "cuda" and precision == "fp32":
+            # fp32 means IEEE float32: TF32 convolutions/matmuls (cuDNN's default) err by ~1e-4 relative
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.reference = model.eval()
         self._models: dict[tuple[int, int], torch.nn.Module] = {}
         if threads:
