@@ -42,7 +42,7 @@ class TorchRunner(Runner):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.reference = model.eval()
-        self._models: dict[tuple[int, int], torch.nn.Module] = {}
+        self._models: dict[tuple[int, int] | None, torch.nn.Module] = {}  # None: the size-agnostic reference
         if threads:
             torch.set_num_threads(threads)
 
