@@ -259,3 +259,12 @@ def test_full_size_paddle_b1_through_onnx(tmp_path, size):
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert rel_l2(got, want) <= 1e-4
+
+
+def test_a_device_that_is_not_here_is_exit_3(artifacts):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    result, code = _cli("parity", artifacts["224"], "--weights", WEIGHTS, "--device", "cuda")
+    assert code == 3 and "CUDA" in _one_error_line(result)
