@@ -65,7 +65,7 @@ class OnnxTarget(Target):
         self.check(options.precision, options.opset)
         opset = options.opset or DEFAULT_OPSET
         names = deploy_model.stage_names()[:-1]
-        debug_names = [DEBUG_PREFIX + n for n in names]
+        debug_names = [DEBUG_PREFIX + n for n in names] if options.debug_outputs else []
         module = _Exportable(deploy_model, options.precision == "fp16", options.debug_outputs).eval()
         example = torch.zeros(options.batch or 2, 3, options.height, options.width)
         dynamic = None
@@ -76,7 +76,7 @@ class OnnxTarget(Target):
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=opset,
-                                  input_names=["input"], output_names=["logits", *debug_names][:1 + len(debug_names) * options.debug_outputs],
+                                  input_names=["input"], output_names=["logits", *debug_names],
                                   dynamic_axes=dynamic, do_constant_folding=True)
             model = onnx.load_from_string(buf.getvalue())
         except Exception as e:
