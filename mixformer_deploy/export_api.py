@@ -52,10 +52,19 @@ def load_source(weights: str | Path | None = None, variant: str | None = None,
     lc = load_checkpoint(path, variant, num_classes)
     meta = lc.metadata
     size = parse_size(meta["input_size"]) if meta.get("input_size") else None
-    labels = json.loads(meta["labels"]) if meta.get("labels") else None
-    prep = Preprocessing.from_dict(json.loads(meta["preprocessing"])) if meta.get("preprocessing") else Preprocessing()
+    labels = _meta_json(meta, "labels")
+    prep = Preprocessing.from_dict(_meta_json(meta, "preprocessing"))
     info = {"name": path.name, "sha256": lc.sha256, "format": lc.format, "shipped": is_shipped(lc.sha256)}
     return SourceModel(lc.model, info, size, labels, prep)
+
+
+def _meta_json(meta: dict, key: str):
+    """A JSON value of a checkpoint's metadata; unreadable values are ignored with a warning."""
+    try:
+        return json.loads(meta[key]) if meta.get(key) else None
+    except ValueError:
+        log.warning("ignoring unreadable %r in the checkpoint metadata", key)
+        return None
 
 
 def resolve_size(source: SourceModel, img_size: str | int | None) -> tuple[int, int]:

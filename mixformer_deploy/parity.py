@@ -8,7 +8,6 @@ of both sides name the first stage that diverges, so a bad rewrite or conversion
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,32 +40,15 @@ def is_checkpoint(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUFFIXES
 
 
-def _meta_json(meta: dict, key: str):
-    try:
-        return json.loads(meta[key]) if key in meta else None
-    except ValueError:
-        log.warning("ignoring unreadable %r in the checkpoint metadata", key)
-        return None
-
-
 def checkpoint_manifest(path: str | Path) -> dict:
-    """A manifest for a checkpoint, from its safetensors metadata, so that weights files and exported
-    artifacts are handled alike (parity of the torch runtime, predict --weights)."""
-    from .checkpoints import load_checkpoint
-    from .shipped import DEFAULT_SIZE, is_shipped
+    """A manifest for a checkpoint, from its metadata (read the way export reads it), so that weights
+    files and exported artifacts are handled alike (parity of the torch runtime, predict --weights)."""
+    from .export_api import base_manifest, load_source
+    from .shipped import DEFAULT_SIZE
 
-    ck = load_checkpoint(path)
-    meta = ck.metadata
-    size = data.parse_size(meta["input_size"]) if "input_size" in meta else (DEFAULT_SIZE, DEFAULT_SIZE)
-    return {
-        "target": None, "runtime": "torch", "variant": ck.config.name, "config": ck.config.to_dict(),
-        "num_classes": ck.config.num_classes, "labels": _meta_json(meta, "labels"), "input_size": list(size),
-        "batch": "dynamic", "precision": "fp32",
-        "preprocessing": _meta_json(meta, "preprocessing") or data.Preprocessing().to_dict(),
-        "weights": {"name": Path(path).name, "sha256": ck.sha256, "format": ck.format,
-                    "shipped": is_shipped(ck.sha256)},
-        "seed": None, "stage_outputs": None,
-    }
+    source = load_source(path)
+    h, w = source.input_size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    return {**base_manifest(source, None, "torch", h, w, None, "fp32"), "stage_outputs": None}
 
 
 def artifact_manifest(path: str | Path) -> dict:
