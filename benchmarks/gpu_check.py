@@ -118,7 +118,7 @@ def bench_variant(variant: str, matrix: dict, device: str, threads: int | None) 
 
 
 def write_outputs(out: Path, report: dict, docs: list[dict]) -> None:
-    from mixformer_deploy.manifest import write_json_atomic
+    from mixformer_deploy.artifact import write_json_atomic
 
     write_json_atomic(out / "gpu_check.json", report)
     if not docs:

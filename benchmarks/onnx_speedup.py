@@ -54,8 +54,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("onnxscript").setLevel(logging.CRITICAL)  # the dynamo exporter's opset fallback chatter
     from mixformer_deploy.bench import Policy, benchmark
-    from mixformer_deploy.export_api import export, load_source
-    from mixformer_deploy.manifest import sidecar_path, write_json_atomic
+    from mixformer_deploy.export_api import export
+    from mixformer_deploy.source import load_source
+    from mixformer_deploy.artifact import sidecar_path, write_json_atomic
     from mixformer_deploy.reports.markdown import bench_markdown
 
     h = w = args.size

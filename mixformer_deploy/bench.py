@@ -70,6 +70,7 @@ class Subject:
     precision: str = "fp32"
     deploy: bool = False       # torch only: time the deploy form instead of the reference form
     notes: list[str] = field(default_factory=list)  # warnings found while resolving it
+    options: dict = field(default_factory=dict)     # runtime options (--runtime-option KEY=VALUE)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -91,20 +92,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def artifact_subject(path: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None) -> Subject:
+def artifact_subject(path: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None,
+                     options: dict | None = None) -> Subject:
     """An exported artifact (or a weights file, which the torch runtime runs) and its manifest."""
     from .parity import artifact_manifest
-    from .runtimes import RUNTIMES, runtime_for
+    from .runtimes import runner_class, runtime_for
 
     p = Path(path)
     if not p.exists():
         raise InputFileError(f"artifact not found: {p}")
     key = runtime_for(p) if runtime in (None, "auto") else runtime
-    if key not in RUNTIMES:
-        raise UsageError(f"unknown runtime {key!r}: choose one of auto, {', '.join(RUNTIMES)}")
+    options = runner_class(key).check_options(options)  # before any worker starts
     m = artifact_manifest(p)
     return Subject(p.name, "artifact", key, device, threads or available_cores(), m, str(p),
-                   precision=m.get("precision") or "fp32")
+                   precision=options.get("precision") or m.get("precision") or "fp32", options=options)
 
 
 def reference_subject(first: Subject, weights: str | Path | None = None) -> Subject:
@@ -160,7 +161,7 @@ def _unique_names(subjects: list[Subject]) -> list[Subject]:
 def _open(subject: Subject):
     if subject.role == "artifact":
         from .runtimes import open_runner
-        return open_runner(subject.path, subject.runtime, subject.device, subject.threads)
+        return open_runner(subject.path, subject.runtime, subject.device, subject.threads, subject.options)
     from .parity import resolve_reference
     from .runtimes.torch_runner import TorchRunner
     ref = resolve_reference(Path(subject.path or subject.name), subject.manifest, subject.weights, [])
@@ -562,7 +563,7 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
 def benchmark(artifacts: Sequence[str | Path], runtime: str = "auto", device: str = "cpu",
               batches: Sequence[int] = (1,), threads: int | None = None, policy: Policy = Policy(),
               with_reference: bool = False, weights: str | Path | None = None, floor: bool = True,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, runtime_options: dict | None = None) -> dict:
     """Time artifacts (and, with_reference, PyTorch eager of the same weights) through their runners.
 
     Returns the ``mixformer-deploy/bench/1`` document (see benchmarks/SCHEMA.md); never prints.
@@ -570,7 +571,7 @@ def benchmark(artifacts: Sequence[str | Path], runtime: str = "auto", device: st
     if not artifacts:
         raise UsageError("give at least one artifact to benchmark")
     threads = threads or available_cores()
-    subjects = [artifact_subject(a, runtime, device, threads) for a in artifacts]
+    subjects = [artifact_subject(a, runtime, device, threads, runtime_options) for a in artifacts]
     if with_reference:
         subjects.append(reference_subject(subjects[0], weights))
     elif weights is not None:

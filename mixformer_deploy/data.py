@@ -126,3 +126,26 @@ def parse_size(text: str | int) -> tuple[int, int]:
     if len(parts) != 2:
         raise UsageError(f"bad image size {text!r}: use N or HxW, e.g. 224 or 256x192")
     return parts[0], parts[1]
+
+
+def labelled_folder(folder: str | Path, labels: list[str] | None, num_classes: int, height: int, width: int,
+                    prep: Preprocessing = Preprocessing()):
+    """An accuracy set: one sub-folder per class, named by the model's label (or class index when the
+    model records no labels). An unknown folder name is a bad input, not a silently ignored class."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(f"accuracy set not found: {folder}")
+    names = [str(x) for x in labels] if labels else [str(i) for i in range(num_classes)]
+    index = {n: i for i, n in enumerate(names)}
+    xs, ids, ys = [], [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name not in index:
+            raise InputFileError(f"{folder}: class folder {sub.name!r} is not one of the model's labels "
+                                 f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+        for p in sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+            xs.append(preprocess(read_image(p), height, width, prep))
+            ids.append(f"{sub.name}/{p.name}")
+            ys.append(index[sub.name])
+    if not xs:
+        raise InputFileError(f"{folder}: no images in class sub-folders")
+    return np.stack(xs), ids, np.asarray(ys)

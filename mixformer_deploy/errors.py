@@ -51,3 +51,10 @@ class GateError(MixformerDeployError):
 
 class ParityError(GateError):
     """An artifact does not compute the reference function within tolerance."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most ``limit`` characters: 'Type: message' with whitespace folded.
+    The one helper for every error message that quotes a converter or runtime."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:limit] if text else type(e).__name__

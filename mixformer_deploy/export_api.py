@@ -7,83 +7,25 @@ inspection as ``<final name>.failed`` (with its sidecar), and an earlier good ar
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoints import load_checkpoint
-from .data import Preprocessing, parse_size, photos
-from .errors import RewriteError, UsageError
-from .manifest import SCHEMA, artifact_name, now_iso, sidecar_path, tool_versions, write_json_atomic
-from .model import MixFormer, check_input_size, create_model
-from .shipped import DEFAULT_SIZE, default_weights, is_shipped
-from .targets import ExportOptions, get_target
+from .artifact import publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json_atomic
+from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
+from .data import photos
+from .errors import ArtifactError, ExportError, InputFileError, RewriteError, UsageError
+from .manifest import artifact_name
+from .model import MixFormer
+from .numerics import rel_l2
+from .source import SourceModel, base_manifest, load_source, resolve_size
+from .targets import ExportOptions, Target, get_target
 
 log = logging.getLogger(__name__)
-RANDOM_SEED = 0
-
-
-@dataclass
-class SourceModel:
-    """The reference model and everything known about where it came from."""
-
-    model: MixFormer
-    weights: dict
-    input_size: tuple[int, int] | None = None
-    labels: list[str] | None = None
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    seed: int | None = None
-
-
-def load_source(weights: str | Path | None = None, variant: str | None = None,
-                num_classes: int | None = None) -> SourceModel:
-    """--weights (default: the shipped weights) or, with --variant alone, seeded random weights."""
-    if weights is None and variant and variant.lower() != "auto":
-        log.warning("no --weights: %s with seeded random weights (seed %d) - fine for latency and parity, "
-                    "not for accuracy", variant.upper(), RANDOM_SEED)
-        model = create_model(variant, num_classes=num_classes or 1000, seed=RANDOM_SEED)
-        return SourceModel(model, {"name": None, "sha256": None, "format": "seeded-random", "shipped": False},
-                           seed=RANDOM_SEED)
-    path = Path(weights) if weights is not None else default_weights()
-    lc = load_checkpoint(path, variant, num_classes)
-    meta = lc.metadata
-    size = parse_size(meta["input_size"]) if meta.get("input_size") else None
-    labels = _meta_json(meta, "labels")
-    prep = Preprocessing.from_dict(_meta_json(meta, "preprocessing"))
-    info = {"name": path.name, "sha256": lc.sha256, "format": lc.format, "shipped": is_shipped(lc.sha256)}
-    return SourceModel(lc.model, info, size, labels, prep)
-
-
-def _meta_json(meta: dict, key: str):
-    """A JSON value of a checkpoint's metadata; unreadable values are ignored with a warning."""
-    try:
-        return json.loads(meta[key]) if meta.get(key) else None
-    except ValueError:
-        log.warning("ignoring unreadable %r in the checkpoint metadata", key)
-        return None
-
-
-def resolve_size(source: SourceModel, img_size: str | int | None) -> tuple[int, int]:
-    h, w = parse_size(img_size) if img_size else (source.input_size or (DEFAULT_SIZE, DEFAULT_SIZE))
-    check_input_size(source.model.cfg, h, w)
-    return h, w
-
-
-def base_manifest(source: SourceModel, target_key: str, runtime: str, h: int, w: int, batch: int | None,
-                  precision: str, extra_versions: tuple[str, ...] = ()) -> dict:
-    cfg = source.model.cfg
-    return {
-        "schema": SCHEMA, "target": target_key, "runtime": runtime, "variant": cfg.name, "config": cfg.to_dict(),
-        "num_classes": cfg.num_classes, "labels": source.labels, "input_size": [h, w],
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [batch or "batch", 3, h, w]},
-        "batch": batch if batch is not None else "dynamic", "precision": precision,
-        "preprocessing": source.preprocessing.to_dict(), "weights": source.weights, "seed": source.seed,
-        "versions": tool_versions(*extra_versions), "created": now_iso(),
-    }
+REWRITE_MAX_REL_L2 = 1e-5
 
 
 def rewrite_error(model: MixFormer, deploy: torch.nn.Module, h: int, w: int) -> float:
@@ -92,7 +34,7 @@ def rewrite_error(model: MixFormer, deploy: torch.nn.Module, h: int, w: int) -> 
     x = torch.from_numpy(photos(h, w, names=("chelsea", "astronaut"))[0])
     with torch.no_grad():
         ref, dep = model(x), deploy(x)
-    return float((dep - ref).norm() / ref.norm().clamp_min(1e-30))
+    return rel_l2(dep, ref)
 
 
 def parse_batch(batch: str | int | None) -> int | None:
@@ -109,11 +51,27 @@ def parse_batch(batch: str | int | None) -> int | None:
 
 def output_path(output: str | Path | None, name: str, suffix: str) -> Path:
     out = Path(output) if output else Path("artifacts")
-    if out.suffix.lower() == suffix:
+    if out.name.lower().endswith(suffix):
         return out
     if out.suffix and not out.is_dir():
-        raise UsageError(f"--output {out} must be a directory or a file ending in {suffix}")
+        raise UsageError(f"--output {out} must be a directory or a path ending in {suffix}")
     return out / name
+
+
+def target_options_of(target: Target, given: dict | None) -> dict:
+    """The target's own options, parsed, defaults filled. An option of another target is a usage error
+    naming the targets that take it."""
+    from .targets import option_owners
+
+    mine = {o.name: o for o in target.options}
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    for name in given:
+        if name not in mine:
+            owners = option_owners().get(name, (None, []))[1]
+            flag = "--" + name.replace("_", "-")
+            where = f"it belongs to {', '.join(owners)}" if owners else "no target takes it"
+            raise UsageError(f"{flag} is not an option of the {target.key} target ({where})")
+    return {name: opt.parse(given.get(name)) for name, opt in mine.items()}
 
 
 @dataclass
@@ -132,38 +90,88 @@ class ExportResult:
 
 def export(weights: str | Path | None = None, target: str = "onnx", variant: str | None = None,
            img_size: str | int | None = None, batch: str | int | None = 1, precision: str = "fp32",
-           opset: int | None = None, simplify: bool = True, output: str | Path | None = None, check: bool = True,
-           num_classes: int | None = None, inputs: tuple[str, ...] | None = None) -> ExportResult:
-    """Export weights to a target's artifact and (unless check=False) gate it on parity."""
+           output: str | Path | None = None, check: bool = True, num_classes: int | None = None,
+           inputs: tuple[str, ...] | None = None, keep_fp32: tuple[str, ...] = (), default_keeps: bool = True,
+           calibration: str | Path | None = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+           target_options: dict | None = None, accuracy_set: str | Path | None = None,
+           max_accuracy_drop: str | None = None) -> ExportResult:
+    """Export weights to a target's artifact and (unless check=False) gate it on parity and accuracy.
+
+    Options are checked before any weights are read. The deploy form gates itself: a rewrite error above
+    REWRITE_MAX_REL_L2 on real photos is an ExportError (exit 5)."""
+    from .calibration import load_calibration
+    from .deploy.precision import resolve_keeps
+
     tgt = get_target(target)
     n = parse_batch(batch)
-    tgt.check(precision, opset)  # before any weights are read
+    options = ExportOptions(0, 0, n, precision, target_options=target_options_of(tgt, target_options))
+    tgt.check(options)  # before any weights are read
+    if precision == "fp32" and (keep_fp32 or not default_keeps):
+        raise UsageError("--keep-fp32 / --no-default-keeps apply to reduced precisions, not fp32")
+    if calibration is not None and precision not in tgt.calibrated:
+        raise UsageError(f"--calibration applies to {', '.join(tgt.calibrated) or 'no precision'} of {tgt.key}, "
+                         f"not {precision}")
+    if calibration is not None and not Path(calibration).is_dir():
+        raise InputFileError(f"calibration folder not found: {calibration}")
     source = load_source(weights, variant, num_classes)
     h, w = resolve_size(source, img_size)
+    options.height, options.width = h, w
     deploy = _to_deploy(source.model, h, w)
-    manifest = base_manifest(source, tgt.key, tgt.runtime, h, w, n, precision, (tgt.extra, tgt.runtime, "onnxslim"))
-    manifest["rewrite_error_rel_l2"] = rewrite_error(source.model, deploy, h, w)
-    final = output_path(output, artifact_name(source.model.cfg.name, h, w, n, precision, tgt.suffix), tgt.suffix)
+    shipped = bool(source.weights.get("shipped"))
+    if precision != "fp32":
+        options.keeps = resolve_keeps(deploy, tuple(keep_fp32), default_keeps)
+    if precision in tgt.calibrated:
+        options.calibration = load_calibration(calibration, calibration_size, h, w, source.preprocessing, shipped)
+    manifest = base_manifest(source, tgt.key, tgt.runtime, h, w, n, precision, tgt.versions)
+    manifest["target_options"] = options.target_options
+    manifest["rewrite_error_rel_l2"] = err = rewrite_error(source.model, deploy, h, w)
+    if not err <= REWRITE_MAX_REL_L2:
+        raise RewriteError(f"the deploy form differs from the reference by {err:.3g} relative L2 on photos "
+                           f"(limit {REWRITE_MAX_REL_L2:g}): refusing to export")
+    if precision != "fp32":
+        manifest["precision_keeps"] = {"defaults": default_keeps, "patterns": list(keep_fp32),
+                                       "modules": options.keeps}
+    if options.calibration is not None:
+        manifest["calibration"] = options.calibration.record
+    name = artifact_name(source.model.cfg.name, h, w, n, precision, tgt.suffix)
+    final = output_path(output, name, tgt.suffix)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial{tgt.suffix}")
+    remove_stale_temporaries(final)
+    tmp = temp_path(final)
+    result = ExportResult(final, manifest)
     try:
-        tgt.export(deploy, ExportOptions(h, w, n, precision, opset, simplify), tmp, manifest)
-        manifest["size_bytes"] = tmp.stat().st_size
-        result = ExportResult(final, manifest)
+        tgt.export(deploy, options, tmp, manifest)
+        manifest["size_bytes"] = sum(f.stat().st_size for f in tgt.files(tmp))
+        write_json_atomic(sidecar_path(tmp), manifest)
         if check:
             from .parity import check_parity
-            result.parity = check_parity(tmp, weights_model=source, inputs=inputs)
+            with _converter_rejects():
+                result.parity = check_parity(tmp, weights_model=source, inputs=inputs, accuracy_set=accuracy_set,
+                                             max_accuracy_drop=max_accuracy_drop)
             manifest["parity"] = result.parity.summary()
         if not result.passed:
-            final = final.with_name(final.name + ".failed")
-            result.path = final
-        os.replace(tmp, final)
+            result.path = final = final.with_name(final.name + ".failed")
+        publish(tmp, final)
         if result.parity is not None:
             result.parity.artifact = str(final)
     finally:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
+        sidecar_path(tmp).unlink(missing_ok=True)
     write_json_atomic(sidecar_path(final), manifest)
+    if result.passed:  # a stale failure of this name no longer describes what is there
+        stale = final.with_name(final.name + ".failed")
+        remove(stale)
+        sidecar_path(stale).unlink(missing_ok=True)
     return result
+
+
+@contextmanager
+def _converter_rejects():
+    """A runtime that rejects what was just exported is the converter's failure (exit 5), not a bad input."""
+    try:
+        yield
+    except ArtifactError as e:
+        raise ExportError(f"the freshly exported artifact was rejected: {e}") from e
 
 
 def _to_deploy(model: MixFormer, h: int, w: int):

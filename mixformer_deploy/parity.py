@@ -18,6 +18,7 @@ import numpy as np
 
 from . import data
 from .errors import ArtifactError, InputFileError, UsageError
+from .numerics import rel_l2
 from .targets.base import Tolerance
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def is_checkpoint(path: str | Path) -> bool:
 def checkpoint_manifest(path: str | Path) -> dict:
     """A manifest for a checkpoint, from its metadata (read the way export reads it), so that weights
     files and exported artifacts are handled alike (parity of the torch runtime, predict --weights)."""
-    from .export_api import base_manifest, load_source
+    from .source import base_manifest, load_source
     from .shipped import DEFAULT_SIZE
 
     source = load_source(path)
@@ -58,7 +59,7 @@ def artifact_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"artifact not found: {path}")
     if is_checkpoint(path):
         return checkpoint_manifest(path)
-    from .manifest import read_manifest
+    from .artifact import read_manifest
     return read_manifest(path)
 
 
@@ -66,8 +67,8 @@ def default_tolerance(path: str | Path, precision: str) -> Tolerance:
     """The target's tolerance for this precision; a checkpoint (torch runtime, fp32) gets the defaults."""
     if is_checkpoint(path):
         return Tolerance()
-    from .targets import target_for_file
-    target = target_for_file(path)
+    from .artifact import target_of
+    target = target_of(path)
     return target.tolerance(precision) if target else Tolerance()
 
 
@@ -215,30 +216,36 @@ def run_stages_batched(runner, x: np.ndarray, batch: int | None) -> dict[str, np
 
 @dataclass
 class OutputMetrics:
-    """How one output (the logits) of the artifact compares with the reference over a set of inputs."""
+    """How one output (the logits) of the artifact compares with the reference over a set of inputs.
+    The pass rule holds per input: each input's bound is atol + rtol * max|r| of that input, so one
+    large logit elsewhere never widens the bound for a small one."""
 
     count: int
     max_abs: float
     mean_abs: float
     rel_l2: float
     cosine: float
-    min_sample_cosine: float
+    min_sample_cosine: float       # the worst input's cosine (the rule's cosine)
     top1_agreement: float
     top5_agreement: float          # inputs whose top-5 classes are the same set
     top1_disagreements: int
-    gated: int                     # inputs whose reference top-1 margin exceeds the tolerance
+    gated: int                     # inputs whose reference top-1 margin exceeds their bound
     gated_disagreements: int
     nonfinite: int                 # NaN/Inf values in the artifact's output
-    max_ref_abs: float             # the scale rtol multiplies (over all inputs)
-    bound: float                   # atol + rtol * max_ref_abs
+    worst_input: int               # index of the input closest to (or furthest past) its bound
+    max_ref_abs: float             # max|r| of the worst input (the scale rtol multiplies there)
+    bound: float                   # the worst input's bound: atol + rtol * max_ref_abs
+    worst_abs: float               # the worst input's max|a-r|
     smallest_atol: float           # the smallest atol that would have passed at this rtol
     smallest_rtol: float           # the smallest rtol that would have passed at this atol
+    implied_rtol: float            # max over inputs of max|a-r| / max|r| (the rtol the error implies at atol 0)
     largest_min_cosine: float      # the largest min-cosine that would have passed
     max_abs_ok: bool
     cosine_ok: bool
     top1_ok: bool
     accuracy_artifact: float | None = None
     accuracy_reference: float | None = None
+    worst_input_name: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -247,16 +254,17 @@ class OutputMetrics:
     def failures(self, tol: Tolerance) -> list[str]:
         """One readable reason per broken part of the pass rule, with the numbers."""
         out = []
+        where = f" on {self.worst_input_name}" if self.worst_input_name else f" on input {self.worst_input}"
         if self.nonfinite:
             out.append(f"{self.nonfinite} non-finite value(s) in the artifact's logits")
         if not self.max_abs_ok:
-            out.append(f"max|a-r| {_g(self.max_abs)} > {_g(self.bound)} (atol {tol.atol:g} + rtol {tol.rtol:g} "
-                       f"x max|r| {_g(self.max_ref_abs)})")
+            out.append(f"max|a-r| {_g(self.worst_abs)} > {_g(self.bound)} (atol {tol.atol:g} + rtol {tol.rtol:g} "
+                       f"x max|r| {_g(self.max_ref_abs)}){where}")
         if not self.cosine_ok:
-            out.append(f"cosine {self.cosine:.8f} < {tol.min_cosine:g}")
+            out.append(f"cosine {self.min_sample_cosine:.8f} < {tol.min_cosine:g} (worst input)")
         if not self.top1_ok:
             out.append(f"top-1 differs on {self.gated_disagreements} of {self.gated} inputs whose reference "
-                       f"margin exceeds {_g(self.bound)}")
+                       f"margin exceeds their bound")
         return out
 
     def to_dict(self) -> dict:
@@ -283,32 +291,38 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
 
 
-def compare_outputs(a: np.ndarray, r: np.ndarray, tol: Tolerance, scale: float | None = None,
-                    labels: np.ndarray | None = None) -> OutputMetrics:
-    """Metrics of artifact logits ``a`` against reference ``r`` (N x classes). ``scale`` is max|r| over
-    all inputs, so that every input set is judged by the same bound as the whole."""
+def compare_outputs(a: np.ndarray, r: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None,
+                    ids: Sequence[str] | None = None) -> OutputMetrics:
+    """Metrics of artifact logits ``a`` against reference ``r`` (N x classes), the rule applied per input."""
     a64, r64 = a.astype(np.float64).reshape(len(a), -1), r.astype(np.float64).reshape(len(r), -1)
     diff = np.abs(a64 - r64)
-    scale = float(np.abs(r64).max()) if scale is None else float(scale)
-    bound = tol.atol + tol.rtol * scale
-    max_abs = float(diff.max())
-    cos = _cosine(a64.ravel(), r64.ravel())
+    per_diff = np.nan_to_num(diff.max(1), nan=np.inf)
+    scale = np.abs(r64).max(1)
+    bounds = tol.atol + tol.rtol * scale
+    cosines = np.array([_cosine(x, y) if np.isfinite(x).all() else -1.0 for x, y in zip(a64, r64)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bounds > 0, per_diff / np.where(bounds > 0, bounds, 1), np.where(per_diff > 0, np.inf, 0))
+        implied = np.where(scale > 0, per_diff / np.where(scale > 0, scale, 1), np.where(per_diff > 0, np.inf, 0))
+    worst = int(np.argmax(ratio))
     n, classes = r64.shape
     k = min(5, classes)
     agree = a64.argmax(1) == r64.argmax(1)
     top2 = np.sort(r64, axis=1)[:, -2:] if classes > 1 else np.full((n, 2), [-np.inf, 0.0])
-    gated = (top2[:, 1] - top2[:, 0]) > bound
-    rel_l2 = float(np.linalg.norm(a64 - r64) / max(np.linalg.norm(r64), np.finfo(np.float64).tiny))
+    gated = ((top2[:, 1] - top2[:, 0]) > bounds) & tol.gate_top1
     m = OutputMetrics(
-        count=n, max_abs=max_abs, mean_abs=float(diff.mean()), rel_l2=rel_l2, cosine=cos,
-        min_sample_cosine=min(_cosine(x, y) for x, y in zip(a64, r64)),
+        count=n, max_abs=float(per_diff.max()), mean_abs=float(diff.mean()), rel_l2=rel_l2(a64, r64),
+        cosine=_cosine(a64.ravel(), r64.ravel()), min_sample_cosine=float(cosines.min()),
         top1_agreement=float(agree.mean()), top5_agreement=float((_topk(a64, k) == _topk(r64, k)).all(1).mean()),
         top1_disagreements=int((~agree).sum()), gated=int(gated.sum()),
         gated_disagreements=int((gated & ~agree).sum()), nonfinite=int((~np.isfinite(a64)).sum()),
-        max_ref_abs=scale, bound=bound, smallest_atol=max(0.0, max_abs - tol.rtol * scale),
-        smallest_rtol=max(0.0, (max_abs - tol.atol) / scale) if scale > 0 else float("inf"),
-        largest_min_cosine=cos, max_abs_ok=bool(max_abs <= bound), cosine_ok=bool(cos >= tol.min_cosine),
-        top1_ok=bool(not (gated & ~agree).any()))
+        worst_input=worst, max_ref_abs=float(scale[worst]), bound=float(bounds[worst]),
+        worst_abs=float(per_diff[worst]),
+        smallest_atol=float(max(0.0, (per_diff - tol.rtol * scale).max())),
+        smallest_rtol=float(max(0.0, ((per_diff - tol.atol) / np.where(scale > 0, scale, np.inf)).max())),
+        implied_rtol=float(implied.max()), largest_min_cosine=float(cosines.min()),
+        max_abs_ok=bool((per_diff <= bounds).all()), cosine_ok=bool(cosines.min() >= tol.min_cosine),
+        top1_ok=bool(not (gated & ~agree).any()),
+        worst_input_name=str(ids[worst]) if ids is not None else None)
     if labels is not None:
         m.accuracy_artifact = float((a64.argmax(1) == labels).mean())
         m.accuracy_reference = float((r64.argmax(1) == labels).mean())
@@ -349,11 +363,68 @@ def compare_stages(artifact: dict[str, np.ndarray], reference: dict[str, np.ndar
             out.append(StageError(name, list(a.shape), float("inf"), float("inf"), 0.0, True))
             continue
         a64, r64 = a.astype(np.float64).ravel(), r.astype(np.float64).ravel()
-        rel = float(np.linalg.norm(a64 - r64) / max(np.linalg.norm(r64), np.finfo(np.float64).tiny))
+        rel = rel_l2(a64, r64)
         rel = rel if np.isfinite(rel) else float("inf")
         out.append(StageError(name, list(r.shape), float(np.abs(a64 - r64).max()), rel, _cosine(a64, r64),
                               bool(rel > threshold)))
     return out
+
+
+# ---------------------------------------------------------------- the accuracy gate
+
+# Extra misclassifications an artifact may make beyond the reference's, in images: on the 360 held-out
+# digits, and as a fraction of a --accuracy-set folder (at least 1 image where any drop is allowed).
+ALLOWED_EXTRA_HELDOUT = {"fp32": 0, "fp16": 1, "bf16": 1, "int8": 3}
+ALLOWED_EXTRA_FRACTION = {"fp32": 0.0, "fp16": 0.003, "bf16": 0.003, "int8": 0.01}
+
+
+@dataclass
+class AccuracyGate:
+    set: str
+    count: int
+    reference_errors: int
+    artifact_errors: int
+    allowed_extra: int
+    rule: str
+
+    @property
+    def extra(self) -> int:
+        return self.artifact_errors - self.reference_errors
+
+    @property
+    def passed(self) -> bool:
+        return self.extra <= self.allowed_extra
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "extra": self.extra, "passed": self.passed}
+
+
+def allowed_extra(precision: str, count: int, heldout: bool, override: str | None = None) -> tuple[int, str]:
+    """(images, rule text). ``override``: 'N' images or 'P%' of the set (--max-accuracy-drop)."""
+    if override is not None:
+        text = str(override).strip()
+        try:
+            if text.endswith("%"):
+                return int(np.ceil(float(text[:-1]) / 100 * count - 1e-9)), f"--max-accuracy-drop {text}"
+            n = int(text)
+        except ValueError:
+            raise UsageError(f"bad --max-accuracy-drop {override!r}: N images or P%") from None
+        if n < 0:
+            raise UsageError(f"bad --max-accuracy-drop {override!r}: N images or P%")
+        return n, f"--max-accuracy-drop {text}"
+    base = precision if precision in ALLOWED_EXTRA_HELDOUT else "int8" if "int" in precision else "fp16"
+    if heldout:
+        return ALLOWED_EXTRA_HELDOUT[base], f"{base}: at most {ALLOWED_EXTRA_HELDOUT[base]} more of the held-out digits"
+    frac = ALLOWED_EXTRA_FRACTION[base]
+    n = max(1, int(np.ceil(frac * count - 1e-9))) if frac > 0 else 0
+    return n, f"{base}: at most {100 * frac:g}% more of the set (at least 1 image)" if frac else f"{base}: no drop"
+
+
+def accuracy_gate(name: str, a: np.ndarray, r: np.ndarray, labels: np.ndarray, precision: str, heldout: bool,
+                  override: str | None) -> AccuracyGate:
+    allowed, rule = allowed_extra(precision, len(labels), heldout, override)
+    return AccuracyGate(name, len(labels), int((r.argmax(1) != labels).sum()), int((a.argmax(1) != labels).sum()),
+                        allowed, rule)
 
 
 # ---------------------------------------------------------------- the report
@@ -373,6 +444,7 @@ class ParityReport:
     stages: list[StageError] | None = None
     stage_tolerance: float | None = None
     first_failing_stage: str | None = None
+    accuracy: list[AccuracyGate] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     created: str = ""
@@ -388,7 +460,7 @@ class ParityReport:
             "first_failing_stage": self.first_failing_stage, "manifest": self.manifest, "runtime": self.runtime,
             "reference": self.reference, "tolerance": self.tolerance, "inputs": self.inputs,
             "sets": {k: v.to_dict() for k, v in self.sets.items()}, "overall": self.overall.to_dict(),
-            "stage_tolerance": self.stage_tolerance,
+            "stage_tolerance": self.stage_tolerance, "accuracy_gate": [g.to_dict() for g in self.accuracy],
             "stages": None if self.stages is None else [s.to_dict() for s in self.stages],
             "warnings": self.warnings, "versions": self.versions, "created": self.created,
             "seconds": self.seconds,
@@ -401,22 +473,25 @@ def _summary(report: "ParityReport") -> dict:
                 for name, m in report.sets.items() if m.accuracy_reference is not None}
     return {"passed": report.passed, "inputs": report.inputs, "tolerance": report.tolerance,
             **{k: getattr(o, k) for k in ("max_abs", "mean_abs", "rel_l2", "cosine", "min_sample_cosine",
-                                          "top1_agreement", "top5_agreement", "smallest_atol")},
-            "accuracy": accuracy or None, "first_failing_stage": report.first_failing_stage,
+                                          "top1_agreement", "top5_agreement", "implied_rtol")},
+            "accuracy": accuracy or None, "accuracy_gate": [g.to_dict() for g in report.accuracy] or None, "first_failing_stage": report.first_failing_stage,
             "runtime": report.runtime, "reference": report.reference.get("source"), "created": report.created}
 
 
 def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs: Sequence[str] | None = None,
                  atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
                  runtime: str = "auto", device: str = "cpu", batch_size: int = 16,
-                 random_count: int = RANDOM_COUNT, weights_model=None) -> ParityReport:
+                 random_count: int = RANDOM_COUNT, weights_model=None, runtime_options: dict | None = None,
+                 accuracy_set: str | Path | None = None, max_accuracy_drop: str | None = None) -> ParityReport:
     """Compare ``artifact`` with PyTorch eager float32 of its reference weights.
 
     ``weights``: a weights file; ``weights_model``: an already loaded reference instead (a MixFormer, or
     export's source with ``.model`` and a ``.weights`` info dict), so that export does not load it twice.
     ``inputs``: any of photos, random, dataset, or image folders; the default is photos + random, plus
     the held-out digits when the reference is the shipped weights. Tolerances default to the target's for
-    the artifact's precision. Raises ArtifactError when the artifact is bad or does not fit the weights;
+    the artifact's precision. The accuracy gate runs on every labelled set (the held-out digits, an
+    ``accuracy_set`` folder with one sub-folder per class): at most a few more misclassified images than
+    the reference, by precision (see ALLOWED_EXTRA_*). Raises ArtifactError when the artifact is bad or does not fit the weights;
     a failed comparison is not an error here: read ``report.passed``.
     """
     from .manifest import now_iso, tool_versions
@@ -440,10 +515,15 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
         _warn(warnings, "the held-out digits are the shipped weights' data set: accuracy on them means "
                         "little for other weights")
     sets = load_inputs(inputs, height, width, prep, random_count)
+    if accuracy_set is not None:
+        x, ids, y = data.labelled_folder(accuracy_set, manifest.get("labels"), int(manifest.get("num_classes") or 0),
+                                         height, width, prep)
+        sets.append(InputSet(f"accuracy-set {Path(accuracy_set).name}", x, ids, y))
     batch = fixed_batch(manifest)
+    precision = manifest.get("precision") or "fp32"
 
     reference = TorchRunner(ref.model)
-    runner = open_runner(artifact, runtime, device)
+    runner = open_runner(artifact, runtime, device, options=runtime_options)
     try:
         log.info("parity of %s (%s) against %s on %s", artifact.name, runner.key, ref.path or "seeded weights",
                  ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
@@ -451,15 +531,21 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
                 for s in sets}
         all_a = np.concatenate([a for a, _ in outs.values()])
         all_r = np.concatenate([r for _, r in outs.values()])
-        overall = compare_outputs(all_a, all_r, tol)
-        per_set = {s.name: compare_outputs(*outs[s.name], tol, overall.max_ref_abs, s.labels) for s in sets}
+        all_ids = [f"{s.name}/{i}" for s in sets for i in s.ids]
+        overall = compare_outputs(all_a, all_r, tol, ids=all_ids)
+        per_set = {s.name: compare_outputs(*outs[s.name], tol, s.labels, s.ids) for s in sets}
+        gates = [accuracy_gate(s.name, *outs[s.name], s.labels, precision, s.name == "dataset", max_accuracy_drop)
+                 for s in sets if s.labels is not None]
         report = ParityReport(
             artifact=str(artifact), manifest=manifest_summary(manifest), runtime=runner.describe(),
             reference={"source": ref.source, "path": ref.path, "sha256": ref.sha256, **reference.describe()},
             tolerance=asdict(tol), inputs=[{"name": s.name, "count": len(s.x)} for s in sets],
-            sets=per_set, overall=overall, passed=overall.passed, failures=overall.failures(tol),
+            sets=per_set, overall=overall, passed=overall.passed and all(g.passed for g in gates),
+            failures=overall.failures(tol) + [
+                f"accuracy on {g.set}: {g.artifact_errors} of {g.count} misclassified vs {g.reference_errors} by the "
+                f"reference ({g.extra:+d}; {g.rule})" for g in gates if not g.passed], accuracy=gates,
             warnings=warnings, versions=tool_versions(), created=now_iso())
-        if not report.passed:
+        if not overall.passed:
             _localize(report, runner, reference, sets, all_a, all_r, batch, tol)
     finally:
         runner.close()
@@ -474,7 +560,8 @@ def _tolerance(artifact: Path, manifest: dict, atol, rtol, min_cosine) -> Tolera
     base = default_tolerance(artifact, manifest.get("precision") or "fp32")
     return Tolerance(atol=base.atol if atol is None else float(atol),
                      rtol=base.rtol if rtol is None else float(rtol),
-                     min_cosine=base.min_cosine if min_cosine is None else float(min_cosine))
+                     min_cosine=base.min_cosine if min_cosine is None else float(min_cosine),
+                     gate_top1=base.gate_top1)
 
 
 def _localize(report: ParityReport, runner, reference, sets: list[InputSet], all_a: np.ndarray,

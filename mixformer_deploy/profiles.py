@@ -6,10 +6,9 @@ import tomllib
 from pathlib import Path
 
 from .errors import InputFileError
-from .shipped import ROOT
-
-PROFILE_DIR = ROOT / "export"
-KEYS = {"target", "precision", "batch", "opset", "simplify", "img_size", "check"}
+from .shipped import PROFILE_DIR
+KEYS = {"target", "precision", "batch", "img_size", "check", "keep_fp32", "default_keeps", "calibration",
+        "calibration_size"}
 
 
 def load_profile(name_or_path: str) -> dict:
@@ -24,8 +23,14 @@ def load_profile(name_or_path: str) -> dict:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise InputFileError(f"{path.name}: not a valid TOML profile ({e})") from e
+    from .targets import option_owners
+
     section = data.get("export", data)
-    unknown = set(section) - KEYS - {"description"}
+    target_keys = set(option_owners())
+    unknown = set(section) - KEYS - target_keys - {"description"}
     if unknown:
-        raise InputFileError(f"{path.name}: unknown profile key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
-    return {k: v for k, v in section.items() if k in KEYS}
+        known = ", ".join(sorted(KEYS | target_keys))
+        raise InputFileError(f"{path.name}: unknown profile key(s) {', '.join(sorted(unknown))} (known: {known})")
+    out = {k: v for k, v in section.items() if k in KEYS}
+    out["target_options"] = {k: v for k, v in section.items() if k in target_keys}
+    return out

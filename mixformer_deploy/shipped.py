@@ -5,8 +5,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+_PACKAGED = Path(__file__).resolve().parent / "_shipped"   # in a wheel (copied in by setup.py)
+_CLONE = Path(__file__).resolve().parent.parent             # in a clone / editable install
+ROOT = _PACKAGED if (_PACKAGED / "models").is_dir() else _CLONE
 DEFAULT_WEIGHTS = ROOT / "models" / "mixformer-b0-digits.safetensors"
+PROFILE_DIR = ROOT / "export"
+EXAMPLES_DIR = ROOT / "models" / "examples"
 DEFAULT_SIZE = 224
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from mixformer_deploy.numerics import rel_l2  # noqa: F401 (tests import it from here)
+
 DATA = Path(__file__).parent / "data"
 
 # The test models are tiny: one thread avoids idle-thread spinning on a busy 2-core CI machine (10x slower).
@@ -23,11 +25,6 @@ def _restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-def rel_l2(a, r) -> float:
-    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
-    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from mixformer_deploy.numerics import rel_l2  # noqa: F401 (tests import it from here)
 import torch.nn.functional as F
 
 from mixformer_deploy.checkpoints import load_checkpoint
@@ -16,11 +18,6 @@ from mixformer_deploy.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
-
-
-def rel_l2(a, r) -> float:
-    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
-    return float(np.linalg.norm(a - r) / np.linalg.norm(r))
 
 
 @pytest.fixture(scope="module")

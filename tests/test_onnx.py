@@ -16,7 +16,7 @@ pytestmark = pytest.mark.onnx
 
 from mixformer_deploy.errors import ArtifactError, UsageError  # noqa: E402
 from mixformer_deploy.export_api import export  # noqa: E402
-from mixformer_deploy.manifest import read_manifest, sidecar_path  # noqa: E402
+from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
 from mixformer_deploy.runtimes import open_runner  # noqa: E402
 
 WEIGHTS = DATA / "tiny.pdparams"

@@ -80,8 +80,23 @@ def test_metrics_match_numpy():
     per_input = (a64 * r64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(r64, axis=1)
     assert m.min_sample_cosine == pytest.approx(per_input.min())
     assert m.top1_agreement == pytest.approx((a.argmax(1) == r.argmax(1)).mean())
-    assert m.bound == pytest.approx(1e-4 + 1e-4 * np.abs(r).max())
+    per_diff, scale = np.abs(d).max(1), np.abs(r64).max(1)
+    worst = int(np.argmax(per_diff / (1e-4 + 1e-4 * scale)))
+    assert m.worst_input == worst and m.bound == pytest.approx(1e-4 + 1e-4 * scale[worst])
+    assert m.implied_rtol == pytest.approx((per_diff / scale).max())
     assert not m.passed and not m.max_abs_ok and m.cosine_ok
+
+
+def test_rule_is_per_input_a_large_logit_elsewhere_does_not_widen_the_bound():
+    tol = Tolerance(atol=0.0, rtol=1e-3, min_cosine=0.0)
+    r = np.array([[1000.0, 0.0, 0.0], [1.0, 0.5, 0.0]])
+    a = r + np.array([[0.5, 0.0, 0.0], [0.01, 0.0, 0.0]])  # 0.01 on a max|r| of 1 is 1e-2 relative
+    m = compare_outputs(a, r, tol, ids=["big", "small"])
+    assert not m.max_abs_ok and m.worst_input_name == "small"
+    assert m.bound == pytest.approx(1e-3) and m.max_abs < 1e-3 * 1000  # a pooled bound would have passed
+    assert "small" in m.failures(tol)[0]
+    m = compare_outputs(a[:1], r[:1], tol)
+    assert m.max_abs_ok
 
 
 def test_smallest_passing_tolerance_is_tight():
@@ -89,7 +104,7 @@ def test_smallest_passing_tolerance_is_tight():
     r = rng.standard_normal((4, 10))
     a = r + 1e-3 * rng.standard_normal((4, 10))
     m = compare_outputs(a, r, Tolerance(atol=0.0, rtol=1e-4, min_cosine=0.0))
-    assert m.smallest_atol == pytest.approx(max(0.0, np.abs(a - r).max() - 1e-4 * np.abs(r).max()))
+    assert m.smallest_atol == pytest.approx(max(0.0, (np.abs(a - r).max(1) - 1e-4 * np.abs(r).max(1)).max()))
     assert compare_outputs(a, r, Tolerance(atol=m.smallest_atol * 1.0001, rtol=1e-4, min_cosine=0)).max_abs_ok
     assert not compare_outputs(a, r, Tolerance(atol=m.smallest_atol * 0.999, rtol=1e-4, min_cosine=0)).max_abs_ok
     assert compare_outputs(a, r, Tolerance(1.0, 0.0, min_cosine=m.largest_min_cosine)).cosine_ok
@@ -136,7 +151,7 @@ def test_good_artifact_passes(good):
     assert [s["name"] for s in report.inputs] == ["photos", "random"]
     assert report.overall.max_abs == 0.0 and report.overall.top1_agreement == 1.0
     d = report.to_dict()
-    assert d["tolerance"] == {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999}
+    assert d["tolerance"] == {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999, "gate_top1": True}
     assert d["runtime"]["runtime"] == "torch" and d["manifest"]["input_size"] == [64, 64]
     json.dumps(d, allow_nan=False)
 

@@ -86,7 +86,7 @@ def _load_commands() -> None:
     # each module registers its commands on `app`; imported here so that `--help` lists them all.
     # A command module that does not exist (yet) is skipped; any other import failure surfaces.
     import importlib
-    for name in ("bench_cmd", "export_cmd", "info_cmd", "parity_cmd", "report_cmd"):
+    for name in ("bench_cmd", "export_cmd", "info_cmd", "inspect_cmd", "parity_cmd", "report_cmd", "trt_cmd"):
         try:
             importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as e:

@@ -12,12 +12,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import GateError, UsageError
-from ..runtimes import RUNTIMES
+from ..runtimes import keys as runtime_keys
+from ..runtimes import parse_runtime_options
 from .app import app, show_progress, quiet_logger
 
 PANEL = "Measure"
 MIB = 2 ** 20
-Runtime = Enum("Runtime", {k: k for k in ("auto", *RUNTIMES)}, type=str)
+Runtime = Enum("Runtime", {k: k for k in ("auto", *runtime_keys())}, type=str)
+RUNTIME_OPTION_HELP = "A runtime's own setting, KEY=VALUE, repeatable (e.g. precision=bf16 for openvino); see README."
 
 
 def parse_batches(text: str) -> list[int]:
@@ -90,6 +92,7 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     batch: Annotated[str, typer.Option("--batch", "-b", help="Batch sizes, comma-separated (e.g. 1,8). A fixed-batch artifact runs only its own.")] = "1",
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for every runtime and the matmul-rate probe. Default: all usable cores.")] = None,
+    runtime_option: Annotated[Optional[list[str]], typer.Option("--runtime-option", "-O", help=RUNTIME_OPTION_HELP)] = None,
     warmup_s: Annotated[float, typer.Option("--warmup-s", min=0, help="Warm-up time per artifact and batch (at least 3 iterations).")] = 1.0,
     min_iters: Annotated[int, typer.Option("--min-iters", min=1, help="Timed iterations per row, at least.")] = 20,
     duration_s: Annotated[float, typer.Option("--duration-s", min=0, help="Timed seconds per row, at least.")] = 5.0,
@@ -123,7 +126,7 @@ def bench(
     policy = Policy(warmup_s=warmup_s, duration_s=duration_s, min_iters=min_iters)
     with progress_bar() as tick, quiet_logger("mixformer_deploy.checkpoints"):
         doc = benchmark(artifacts, runtime.value, device, batches, threads, policy, with_reference, weights,
-                        floor=not no_floor, progress=tick)
+                        floor=not no_floor, progress=tick, runtime_options=parse_runtime_options(runtime_option))
     if base is not None:
         doc["regression"] = compare(doc, base, threshold)
     if json_out:

@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import CheckpointError, ParityError, UsageError
+from ..runtimes import parse_runtime_options
 from .app import app, quiet_logger
+from .bench_cmd import RUNTIME_OPTION_HELP
 
 PANEL = "Verify"
 
@@ -71,12 +73,17 @@ def print_report(report, console: Console) -> None:
     ref_name = Path(ref["path"]).name if ref.get("path") else "seeded random weights"
     console.print(f"[bold]{Path(report.artifact).name}[/bold]  runtime {rt.get('runtime')} on {rt.get('device')} "
                   f"({rt.get('precision')})  reference: {ref_name} ({ref['source']}), PyTorch float32")
-    console.print(f"rule: max|a-r| <= atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|r| "
-                  f"(= {o.bound:.3g}) and cosine >= {tol['min_cosine']:g}; top-1 gated on "
-                  f"{o.gated} of {o.count} inputs with margin > {o.bound:.3g}")
+    console.print(f"rule, per input: max|a-r| <= atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|r| of that input "
+                  f"and cosine >= {tol['min_cosine']:g}; top-1 gated on {o.gated} of {o.count} inputs "
+                  "whose margin exceeds their bound")
     console.print(_metrics_table(report))
-    console.print(f"smallest tolerance that passes: atol {o.smallest_atol:.3g} at rtol {tol['rtol']:g} "
-                  f"(or rtol {o.smallest_rtol:.3g} at atol {tol['atol']:g}); min-cosine {o.largest_min_cosine:.8f}")
+    console.print(f"observed: max|a-r| {o.max_abs:.3g}, implying rtol {o.implied_rtol:.3g} at atol 0; worst input "
+                  f"{o.worst_input_name or o.worst_input} (max|a-r| {o.worst_abs:.3g} vs bound {o.bound:.3g}); "
+                  f"lowest cosine {o.largest_min_cosine:.8f}")
+    for g in report.accuracy:
+        console.print(f"accuracy {g.set}: {g.count - g.artifact_errors}/{g.count} (reference "
+                      f"{g.count - g.reference_errors}/{g.count}, {g.extra:+d} misclassified; {g.rule}) "
+                      + ("ok" if g.passed else "[red]FAIL[/red]"))
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     if report.passed:
@@ -108,19 +115,23 @@ def parity(
     runtime: Annotated[str, typer.Option(help="Runtime to run the artifact: auto (by its suffix), torch, "
                                               "onnxruntime, ...")] = "auto",
     device: Annotated[str, typer.Option(help="auto (the GPU when the runtime has one here, else cpu), cpu or cuda[:N].")] = "auto",
+    runtime_option: Annotated[Optional[list[str]], typer.Option("--runtime-option", "-O", help=RUNTIME_OPTION_HELP)] = None,
+    accuracy_set: Annotated[Optional[Path], typer.Option("--accuracy-set", help="Gate accuracy on a folder with one sub-folder per class label.")] = None,
+    max_accuracy_drop: Annotated[Optional[str], typer.Option("--max-accuracy-drop", help="Extra misclassified images allowed: N or P% (default by precision: int8 3 of the 360 held-out digits or 1% of a folder; fp16/bf16 1 or 0.3%).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (for CI).")] = None,
 ):
     """Check that an artifact computes the reference function: exit 0 pass, 1 fail (names the first
     diverging stage), 4 bad artifact or weights."""
-    from ..manifest import write_json_atomic
+    from ..artifact import write_json_atomic
     from ..parity import check_parity
     from ..reports.junit import write_junit
 
     if weights is not None and not weights.is_file():
         raise CheckpointError(f"weights not found: {weights}")
     report = check_parity(artifact, weights=weights, inputs=inputs, atol=atol, rtol=rtol, min_cosine=min_cosine,
-                          runtime=runtime, device=device)
+                          runtime=runtime, device=device, runtime_options=parse_runtime_options(runtime_option),
+                          accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop)
     print_report(report, _console())
     if json_out:
         write_json_atomic(json_out, report.to_dict())
@@ -152,7 +163,8 @@ def _model_source(artifact: Path | None, weights: Path | None) -> Path:
     return artifact
 
 
-def classify(source: Path, images: list[Path], runtime: str, device: str, top: int) -> list[dict]:
+def classify(source: Path, images: list[Path], runtime: str, device: str, top: int,
+             options: dict | None = None) -> list[dict]:
     """Top classes of each image through any runtime, preprocessed as the model's manifest says."""
     from .. import data
     from ..parity import artifact_manifest, fixed_batch, run_batched
@@ -164,7 +176,7 @@ def classify(source: Path, images: list[Path], runtime: str, device: str, top: i
     labels = manifest.get("labels")
     x = np.stack([data.preprocess(data.read_image(p), height, width, prep) for p in images])
     with quiet_logger("mixformer_deploy.checkpoints"):  # already reported by artifact_manifest
-        runner = open_runner(source, runtime, device)
+        runner = open_runner(source, runtime, device, options=options)
     try:
         probs = _softmax(run_batched(runner, x, fixed_batch(manifest)))
     finally:
@@ -186,11 +198,13 @@ def predict(
         "--weights", "-w", help="A weights file (default: the shipped weights).")] = None,
     runtime: Annotated[str, typer.Option(help="auto (by the file's suffix), torch, onnxruntime, ...")] = "auto",
     device: Annotated[str, typer.Option(help="auto (the GPU when the runtime has one here, else cpu), cpu or cuda[:N].")] = "auto",
+    runtime_option: Annotated[Optional[list[str]], typer.Option("--runtime-option", "-O", help=RUNTIME_OPTION_HELP)] = None,
     top: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Classify images with an artifact or weights: top classes with labels and probabilities."""
-    results = classify(_model_source(artifact, weights), images, runtime, device, top)
+    results = classify(_model_source(artifact, weights), images, runtime, device, top,
+                       parse_runtime_options(runtime_option))
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return

@@ -91,12 +91,35 @@ class ConstantBias(nn.Module):
         return self.bias
 
 
+class AttentionLogits(nn.Module):
+    """softmax(q @ k^T + relative bias): the attention's fp16 overflow and accuracy site, one module so
+    that reduced-precision exports can keep it in float32 (the default precision keeps)."""
+
+    def __init__(self, rel_bias: nn.Module):
+        super().__init__()
+        self.rel_bias = rel_bias
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(-2, -1) + self.rel_bias(), dim=-1)
+
+
+class TokenMean(nn.Module):
+    """Global average pooling of a (B*N, C) token matrix with N tokens per image -> (B, C)."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.tokens, x.shape[-1]).mean(dim=1)
+
+
 class WindowAttention(nn.Module):
     """Multi-head attention inside windows with rank-4 tensors only."""
 
     def __init__(self, qkv: nn.Linear, rel_bias: nn.Module, heads: int, scale: float):
         super().__init__()
-        self.qkv, self.rel_bias, self.heads, self.scale = qkv, rel_bias, heads, scale
+        self.qkv, self.logits, self.heads, self.scale = qkv, AttentionLogits(rel_bias), heads, scale
 
     def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Window tokens (B*nW*n, C) -> attention output (B*nW, n, C)."""
@@ -105,5 +128,4 @@ class WindowAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(-1, n, 3 * h, d).permute(0, 2, 1, 3).split(h, dim=1)
         if self.scale != 1.0:
             q = q * self.scale
-        attn = torch.softmax(q @ k.transpose(-2, -1) + self.rel_bias(), dim=-1)
-        return (attn @ v).permute(0, 2, 1, 3).reshape(-1, n, c)
+        return (self.logits(q, k) @ v).permute(0, 2, 1, 3).reshape(-1, n, c)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.mixformer import MixFormer, MixingBlock
-from .layers import RelativeBiasLookup, TokenBatchNorm, TokenPointwise, WindowAttention, partition, reverse
+from .layers import (RelativeBiasLookup, TokenBatchNorm, TokenMean, TokenPointwise, WindowAttention, partition,
+                     reverse)
 
 
 class DeployStem(nn.Module):
@@ -115,6 +116,7 @@ class DeployMixFormer(nn.Module):
                 self.merges.append(DeployMerge(layer.downsample, h, w))
                 h, w = (h + 1) // 2, (w + 1) // 2
         self.norm, self.last_proj, self.activate, self.head = ref.norm, ref.last_proj, ref.activate, ref.head
+        self.pool = TokenMean(h * w)
 
     def stage_tensors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """stem and each stage's output as (B*H*W, C) tokens, features, logits: raw, no debug-only ops."""
@@ -125,9 +127,7 @@ class DeployMixFormer(nn.Module):
             outs.append(x)
             if i < len(self.merges):
                 x = self.merges[i](x)
-        h, w = self.stage_sizes[-1]
-        x = self.activate(self.last_proj(self.norm(x)))
-        feats = x.reshape(-1, h * w, x.shape[-1]).mean(dim=1)
+        feats = self.pool(self.activate(self.last_proj(self.norm(x))))
         return outs + [feats, self.head(feats)]
 
     def stage_names(self) -> list[str]:

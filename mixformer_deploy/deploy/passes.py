@@ -95,8 +95,8 @@ def precompute_relative_bias(model: nn.Module) -> int:
     """Table gather -> a constant (heads, N, N) per block. Why: no Gather/index tensors in the graph."""
     count = 0
     for m in model.modules():
-        if isinstance(m, WindowAttention) and isinstance(m.rel_bias, RelativeBiasLookup):
-            m.rel_bias = ConstantBias(m.rel_bias())
+        if isinstance(m, WindowAttention) and isinstance(m.logits.rel_bias, RelativeBiasLookup):
+            m.logits.rel_bias = ConstantBias(m.logits.rel_bias())
             count += 1
     return _require(count, "precompute_relative_bias")
 

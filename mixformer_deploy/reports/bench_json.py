@@ -152,7 +152,7 @@ def read_results(path: str | Path) -> dict:
 
 
 def write_results(path: str | Path, doc: dict) -> Path:
-    from ..manifest import write_json_atomic
+    from ..artifact import write_json_atomic
     return write_json_atomic(path, doc)
 
 

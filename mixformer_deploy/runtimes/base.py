@@ -1,6 +1,9 @@
 """The Runner interface: load an artifact, run numpy batches, say where and in what precision it runs.
 
 Parity and benchmarks are written once against this; each runtime is one module in this package.
+Runtime settings that are one runtime's own (OpenVINO's inference precision, Core ML's compute units, ...)
+arrive as ``options`` (``--runtime-option KEY=VALUE`` on parity, bench and predict): each runner
+declares the keys it takes in ``option_help``, and anything else is a usage error naming them.
 """
 
 from __future__ import annotations
@@ -10,18 +13,46 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends import version_of
+from ..errors import UsageError
+
 
 class Runner(ABC):
     key: str = ""          # the runtime's key: its module name and CLI choice
+    dists: tuple[str, ...] = ()      # pip distributions that provide it (first installed wins)
+    extra: str = ""                  # the extra that installs it
+    option_help: dict[str, str] = {}  # runtime option key -> what it does (values are strings)
     device: str = "cpu"    # where it runs, e.g. "cpu", "cuda:0"
     precision: str = "fp32"
     threads: int | None = None
 
     @classmethod
     @abstractmethod
-    def load(cls, artifact: str | Path, device: str = "cpu", threads: int | None = None) -> "Runner":
+    def load(cls, artifact: str | Path, device: str = "cpu", threads: int | None = None,
+             options: dict[str, str] | None = None) -> "Runner":
         """Open an artifact for inference (raise ArtifactError for a bad file, MissingBackendError when
-        the runtime or device is not available)."""
+        the runtime or device is not available, UsageError for an option it does not take)."""
+
+    @classmethod
+    def check_options(cls, options: dict[str, str] | None) -> dict[str, str]:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.option_help))
+        if unknown:
+            takes = ", ".join(cls.option_help) or "none"
+            raise UsageError(f"the {cls.key} runtime takes no option {', '.join(unknown)} (it takes: {takes})")
+        return options
+
+    @classmethod
+    def status(cls, probe: bool = False) -> dict:
+        """Installed?, version, can it run here, on which devices, a note. Runners with hardware needs
+        override (``probe`` may import the runtime to ask it)."""
+        for dist in cls.dists:
+            v = version_of(dist)
+            if v:
+                return {"installed": True, "package": dist, "version": v, "can_run": True, "devices": ["cpu"],
+                        "note": ""}
+        return {"installed": False, "package": cls.dists[0] if cls.dists else cls.key, "version": None,
+                "can_run": False, "devices": [], "note": f'not installed: pip install "mixformer-deploy[{cls.extra}]"'}
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -40,3 +71,14 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release sessions and device memory."""
+
+
+def parse_runtime_options(items: list[str] | None) -> dict[str, str]:
+    """['KEY=VALUE', ...] -> {KEY: VALUE} (the CLI's --runtime-option)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"bad --runtime-option {item!r}: use KEY=VALUE, e.g. precision=bf16")
+        out[key.strip()] = value.strip()
+    return out

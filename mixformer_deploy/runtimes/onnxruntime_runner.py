@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..backends import require
-from ..errors import ArtifactError, MissingBackendError, UsageError
+from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
+from ..formats.onnx import embedded_manifest, load_onnx
 from .base import Runner
 
 
 class OnnxRuntimeRunner(Runner):
     key = "onnxruntime"
+    dists = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+    extra = "onnx"
 
     def __init__(self, path: Path, device: str, threads: int | None):
         self.ort = require("onnxruntime", "onnx")
@@ -25,23 +27,25 @@ class OnnxRuntimeRunner(Runner):
             if "CUDAExecutionProvider" not in providers:
                 raise MissingBackendError("onnxruntime has no CUDA execution provider here "
                                           "(install onnxruntime-gpu on a CUDA machine)")
-            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            # fp32 means IEEE float32: the CUDA provider's TF32 matmuls would err by ~1e-4 relative
+            self.providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
         elif device == "cpu":
             self.providers = ["CPUExecutionProvider"]
         else:
             raise UsageError(f"onnxruntime runs on auto, cpu or cuda, not {device!r}")
-        self.session = self._session(str(self.path) if self.path.is_file() else None)
+        if not self.path.is_file():
+            raise ArtifactError(f"artifact not found: {self.path}")
+        load_onnx(self.path, load_weights=False)  # one-line errors; refuses external data outside its folder
+        self.session = self._session(str(self.path))
         self.input_name = self.session.get_inputs()[0].name
         self.precision = self._manifest().get("precision", "fp32")
         self._debug_session = None
 
     @classmethod
-    def load(cls, artifact, device="cpu", threads=None) -> "OnnxRuntimeRunner":
+    def load(cls, artifact, device="cpu", threads=None, options=None) -> "OnnxRuntimeRunner":
         return cls(Path(artifact), device, threads)
 
-    def _session(self, model: str | bytes | None):
-        if model is None:
-            raise ArtifactError(f"artifact not found: {self.path}")
+    def _session(self, model: str | bytes):
         opts = self.ort.SessionOptions()
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -53,15 +57,12 @@ class OnnxRuntimeRunner(Runner):
         try:
             return self.ort.InferenceSession(model, sess_options=opts, providers=self.providers)
         except Exception as e:
-            raise ArtifactError(f"{self.path.name}: onnxruntime cannot load it "
-                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+            raise ArtifactError(f"{self.path.name}: onnxruntime cannot load it ({one_line(e, 200)})") from e
 
     def _manifest(self) -> dict:
-        meta = self.session.get_modelmeta().custom_metadata_map
-        from ..manifest import EMBED_KEY
         try:
-            return json.loads(meta.get(EMBED_KEY, "{}"))
-        except ValueError:
+            return embedded_manifest(self.path) or {}
+        except ArtifactError:
             return {}
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -69,13 +70,11 @@ class OnnxRuntimeRunner(Runner):
         try:
             return self.session.run(None, {self.input_name: x})[0]
         except Exception as e:
-            raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} "
-                                f"({' '.join(str(e).split())[:200]})") from e
+            raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
 
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Re-open the artifact with its recorded stage tensors exposed as extra outputs."""
         from ..deploy import to_reference_layout
-        from ..targets.onnx import load_onnx
 
         stages = self._manifest().get("stage_outputs") or {}
         tensors = stages.get("tensors") or {}

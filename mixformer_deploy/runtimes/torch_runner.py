@@ -27,6 +27,8 @@ def resolve_device(device: str) -> torch.device:
 
 class TorchRunner(Runner):
     key = "torch"
+    dists = ("torch",)
+    option_help = {"precision": "fp32 or fp16 (fp16 needs CUDA)", "form": "reference or deploy"}
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32",
                  deploy: bool = False, threads: int | None = None):
@@ -47,9 +49,14 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
 
     @classmethod
-    def load(cls, artifact, device="cpu", threads=None, precision="fp32", deploy=False) -> "TorchRunner":
+    def load(cls, artifact, device="cpu", threads=None, options=None) -> "TorchRunner":
         from ..checkpoints import load_checkpoint
-        return cls(load_checkpoint(Path(artifact)).model, device, precision, deploy, threads)
+        options = options or {}
+        form = options.get("form", "reference")
+        if form not in ("reference", "deploy"):
+            raise UsageError(f"bad torch runtime option form={form!r}: reference or deploy")
+        return cls(load_checkpoint(Path(artifact)).model, device, options.get("precision", "fp32"), form == "deploy",
+                   threads)
 
     def _model_for(self, h: int, w: int) -> torch.nn.Module:
         """The module to run at this size: the reference itself on CPU fp32, else a converted copy (the

@@ -1,11 +1,18 @@
-"""The Target interface: turn the deploy form into an artifact file, and read back what it embeds."""
+"""The Target interface: turn the deploy form into an artifact (a file or a directory), and read back what
+it embeds.
+
+A target declares everything that is its own: suffix, extra, the runtime that runs it, precisions,
+tolerances, and its options (TargetOption). Generic code (export_api, the CLI) knows no target's words.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
@@ -13,11 +20,51 @@ from ..errors import UsageError
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Parity tolerances (DESIGN: max|a-r| <= atol + rtol*max|r| and cosine >= min_cosine)."""
+    """Parity tolerances (DESIGN: per input, max|a-r| <= atol + rtol*max|r| and cosine >= min_cosine).
+    ``gate_top1`` False for int8, whose top-1 is judged by the accuracy gate instead."""
 
     atol: float = 1e-4
     rtol: float = 1e-4
     min_cosine: float = 0.99999
+    gate_top1: bool = True
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """An export option that belongs to one or more targets; the CLI shows it as --name-with-dashes."""
+
+    name: str                      # python identifier
+    help: str
+    type: type = str               # str, int, float or bool
+    default: Any = None
+    choices: tuple = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, value: Any) -> Any:
+        """A value from the CLI or a profile -> this option's type, checked against its choices."""
+        if value is None:
+            return self.default
+        try:
+            if self.type is bool and isinstance(value, str):
+                v = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+            else:
+                v = self.type(value)
+        except (KeyError, ValueError, TypeError):
+            raise UsageError(f"bad {self.flag} {value!r}: expected {self.type.__name__}") from None
+        if self.choices and v not in self.choices:
+            raise UsageError(f"bad {self.flag} {value!r}: choose one of {', '.join(map(str, self.choices))}")
+        return v
+
+
+@dataclass
+class Calibration:
+    """Images that calibrate an int8 export: normalized NCHW float32 and where they came from."""
+
+    x: np.ndarray
+    record: dict                   # source, count, sha256 of the file list (goes into the manifest)
 
 
 @dataclass
@@ -26,32 +73,55 @@ class ExportOptions:
     width: int
     batch: int | None = 1          # None = dynamic batch axis
     precision: str = "fp32"
-    opset: int | None = None
-    simplify: bool = True
+    keeps: list[str] = field(default_factory=list)   # deploy-form module names kept in float32
+    calibration: Calibration | None = None            # int8 only
+    target_options: dict = field(default_factory=dict)  # this target's own options, parsed, defaults filled
     debug_outputs: bool = True     # record per-stage tensor names for parity localization
+
+    def opt(self, name: str) -> Any:
+        return self.target_options.get(name)
 
 
 class Target(ABC):
     key: str = ""                  # module name, pip extra, CLI choice, pytest marker
-    suffix: str = ""
+    suffix: str = ""               # of the file, or of the directory when is_dir
+    is_dir: bool = False           # the artifact is a directory (built beside, renamed whole)
     extra: str = ""
     runtime: str = ""              # the runtime key that runs this target's artifacts
     precisions: tuple[str, ...] = ("fp32",)
+    calibrated: tuple[str, ...] = ()   # precisions that need calibration images (int8)
     tolerances: dict[str, Tolerance] = {}
+    options: tuple[TargetOption, ...] = ()
+    versions: tuple[str, ...] = ()     # distributions whose versions go into the manifest
+    description: str = ""
 
-    def check(self, precision: str, opset: int | None) -> None:
-        """Reject options this target cannot honour, before any weights are read (UsageError)."""
-        if precision not in self.precisions:
-            raise UsageError(f"{self.key} exports {' or '.join(self.precisions)}, not {precision!r}")
+    def check(self, options: ExportOptions) -> None:
+        """Reject options this target cannot honour, before any weights are read (UsageError), or a
+        backend that is missing (MissingBackendError)."""
+        if options.precision not in self.precisions:
+            raise UsageError(f"{self.key} exports {' or '.join(self.precisions)}, not {options.precision!r}")
 
     @abstractmethod
     def export(self, deploy_model: torch.nn.Module, options: ExportOptions, out: Path, manifest: dict) -> dict:
-        """Write the artifact to ``out`` (a temporary path; the caller renames it) with ``manifest``
-        embedded where the format allows. Returns facts to add to the manifest (node counts, ...)."""
+        """Write the artifact to ``out`` (a temporary path beside the final one; the caller renames it)
+        with ``manifest`` embedded where the format allows. Returns facts to add to the manifest."""
 
     @abstractmethod
     def read_embedded(self, path: Path) -> dict | None:
-        """The manifest embedded in an artifact, or None; raise ArtifactError if the file is corrupt."""
+        """The manifest embedded in an artifact, or None; raise ArtifactError if it is corrupt."""
+
+    def inspect(self, path: Path) -> dict:
+        """What is inside: inputs, outputs, op histogram, max rank, ops per precision, kept-fp32 ops.
+        Targets override; the default says what every artifact has."""
+        return {"inputs": None, "outputs": None, "ops": None, "max_rank": None, "precisions": None,
+                "kept_fp32": None, "note": f"{self.key} artifacts have no inspect reader yet"}
+
+    def files(self, path: Path) -> list[Path]:
+        """Every file that belongs to the artifact (for sizes): a directory's whole tree by default."""
+        path = Path(path)
+        if path.is_dir():
+            return sorted(f for f in path.rglob("*") if f.is_file())
+        return [path] if path.is_file() else []
 
     def tolerance(self, precision: str) -> Tolerance:
         return self.tolerances.get(precision, Tolerance())

@@ -1,0 +1,149 @@
+"""An artifact: a file or a directory that one target wrote, with its manifest (embedded and/or the sidecar
+``<name>.json`` beside it).
+
+Why a concept of its own: export, parity, bench, predict and inspect all need the same answers - which
+target wrote it (read from the manifest, the suffix only as a fallback, so two targets may share one),
+how many bytes it is (every file, external data included), and how it appears under its final name
+complete or not at all (built under a temporary name that carries the writer's pid, renamed whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ArtifactError
+
+SCHEMA = "mixformer-deploy/manifest/1"
+TMP_MARK = ".partial"
+
+
+def sidecar_path(artifact: str | Path) -> Path:
+    p = Path(artifact)
+    return p.with_name(p.name + ".json")
+
+
+def temp_path(final: Path) -> Path:
+    """A temporary name beside ``final`` (same filesystem, so the rename is atomic), unique per process."""
+    return final.with_name(f".{final.name}.{os.getpid()}{TMP_MARK}{''.join(final.suffixes[-1:])}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Temporaries of ``final`` whose writer process is gone (killed mid-export); live writers' stay."""
+    removed = []
+    prefix = f".{final.name}."
+    for p in final.parent.glob(f".{final.name}.*"):
+        rest = p.name[len(prefix):]
+        pid = rest.split(".", 1)[0]
+        if TMP_MARK not in rest or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        remove(p)
+        removed.append(p)
+    return removed
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished artifact to its final name. A file replaces atomically; a directory is renamed
+    whole, the earlier one first moved aside under a temporary name and removed after."""
+    if not tmp.is_dir():
+        os.replace(tmp, final)
+        return
+    aside = None
+    if final.exists():
+        aside = final.with_name(f".{final.name}.{os.getpid()}.old{TMP_MARK}")
+        remove(aside)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    if aside is not None:
+        remove(aside)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_MARK}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_sidecar(artifact: Path) -> dict | None:
+    side = sidecar_path(artifact)
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{side.name}: unreadable manifest ({type(e).__name__})") from e
+    return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+
+
+def target_of(artifact: str | Path):
+    """The Target that wrote ``artifact``: the manifest's ``target`` (sidecar first: cheap), else the
+    first target whose suffix fits and whose reader finds an embedded manifest, else by suffix alone."""
+    from .targets import get_target, keys
+
+    known = keys()
+    artifact = Path(artifact)
+    side = read_sidecar(artifact)
+    if side and side.get("target") in known:
+        return get_target(side["target"])
+    fits = [get_target(k) for k in known]
+    fits = [t for t in fits if t.suffix and artifact.name.lower().endswith(t.suffix)]
+    for t in fits:
+        try:
+            embedded = t.read_embedded(artifact)
+        except (ArtifactError, ImportError):
+            continue
+        if embedded and embedded.get("target") in known:
+            return get_target(embedded["target"])
+    return fits[0] if fits else None
+
+
+def read_manifest(artifact: str | Path) -> dict:
+    """The artifact's manifest: the embedded copy when the format has one, else the sidecar."""
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise ArtifactError(f"artifact not found: {artifact}")
+    target = target_of(artifact)
+    embedded = target.read_embedded(artifact) if target else None
+    if embedded:
+        return embedded
+    side = read_sidecar(artifact)
+    if side:
+        return side
+    raise ArtifactError(f"{artifact.name}: no mixformer-deploy manifest (neither embedded nor a .json sidecar)")
+
+
+def files_of(artifact: str | Path) -> list[Path]:
+    """Every file of the artifact (external data and a directory's tree included), not the sidecar."""
+    artifact = Path(artifact)
+    target = target_of(artifact) if artifact.exists() else None
+    if target is not None:
+        return target.files(artifact)
+    if artifact.is_dir():
+        return sorted(f for f in artifact.rglob("*") if f.is_file())
+    return [artifact] if artifact.is_file() else []
+
+
+def size_bytes(artifact: str | Path) -> int:
+    return sum(f.stat().st_size for f in files_of(artifact))

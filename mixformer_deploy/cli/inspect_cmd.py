@@ -1,0 +1,63 @@
+"""`inspect`: what is inside an artifact of any target, read by that target's own reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import ArtifactError
+from .app import app
+
+
+def inspect_artifact(path: Path) -> dict:
+    from ..artifact import read_manifest, size_bytes, target_of
+
+    if not path.exists():
+        raise ArtifactError(f"artifact not found: {path}")
+    target = target_of(path)
+    if target is None:
+        raise ArtifactError(f"{path.name}: not an artifact any target writes (no manifest, unknown suffix)")
+    facts = target.inspect(path)
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError:
+        manifest = None
+    return {"artifact": str(path), "target": target.key, "size_bytes": size_bytes(path), **facts, "manifest": manifest}
+
+
+@app.command("inspect", rich_help_panel="Verify")
+def inspect_cmd(
+    artifact: Annotated[Path, typer.Argument(help="An exported artifact (file or directory).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """Inputs, outputs, op histogram, maximum rank, ops per precision, float32 keeps, size, manifest."""
+    info = inspect_artifact(artifact)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    console = Console(highlight=False)
+    m = info.get("manifest") or {}
+    console.print(f"[bold]{artifact.name}[/bold]  target {info['target']}  {info['size_bytes'] / 2**20:.2f} MiB  "
+                  f"precision {m.get('precision', '?')}  max rank {info.get('max_rank')}")
+    for kind in ("inputs", "outputs"):
+        for io in info.get(kind) or []:
+            console.print(f"{kind[:-1]}: {io.get('name')} {io.get('dtype')} {io.get('shape')}")
+    if info.get("precisions"):
+        console.print("ops per precision: " + ", ".join(f"{k} {v}" for k, v in info["precisions"].items()))
+    if info.get("kept_fp32"):
+        console.print(f"kept in float32 ({len(info['kept_fp32'])}): " + ", ".join(info["kept_fp32"][:12])
+                      + (" ..." if len(info["kept_fp32"]) > 12 else ""))
+    if info.get("ops"):
+        table = Table(title="op histogram", title_justify="left")
+        table.add_column("op")
+        table.add_column("count", justify="right")
+        for op, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]):
+            table.add_row(op, str(n))
+        console.print(table)
+    for note in [info.get("note")] if info.get("note") else []:
+        console.print(f"note: {note}")

@@ -1,0 +1,330 @@
+"""OpenVINO target: the deploy form's ONNX read by OpenVINO's ONNX frontend, saved as an IR directory
+(``model.xml`` + ``model.bin``) with the manifest in the IR's ``rt_info``.
+
+Why through the deploy form's ONNX (``targets.onnx.export_onnx``) and ``Core.read_model`` rather than
+``openvino.convert_model`` of the deploy module: both give the same OpenVINO graph (same op histogram,
+same speed, measured), but the ONNX route reuses the one exported graph every ONNX-based runtime
+checks, keeps the per-stage tensor names (``debug_stage0``, ... - the runner exposes them for parity
+localization), keeps node names scoped by deploy-form module (``/stages.0/stages.0.0/norm1/...``, what
+precision keeps map onto), and never goes through ``ovc`` (no telemetry).
+
+Precisions:
+- fp32: ``save_model(compress_to_fp16=False)``. ``save_model`` compresses weights to fp16 by default
+  (an "fp32" IR saved that way is ~7e-4 relative L2 off), so fp32 never takes the default.
+- fp16: fp16-compressed weights (half the size); OpenVINO decompresses them and computes in the runner's
+  execution precision (f32 by default), so the precision keeps - which guard fp16 *compute* - do not apply.
+- int8: NNCF post-training quantization (FakeQuantize, int8 weights) of the fp32 IR, calibrated on
+  ``options.calibration.x``; the precision keeps become NNCF's ignored scope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+from ..backends import require
+from ..errors import ArtifactError, ExportError, UsageError, one_line
+from .base import ExportOptions, Target, TargetOption, Tolerance
+
+log = logging.getLogger(__name__)
+
+XML, BIN = "model.xml", "model.bin"
+RT_SECTION = "mixformer_deploy"       # rt_info/<mixformer_deploy>/<manifest value=...>, <bin_sha256 value=...>
+STRUCTURAL = {"Parameter", "Result", "Constant", "Convert", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+              "Concat", "Split", "VariadicSplit", "Slice", "StridedSlice", "ShapeOf", "Gather", "Pad",
+              "Broadcast", "FakeQuantize"}
+HEAVY = {"MatMul", "Convolution", "GroupConvolution", "ScaledDotProductAttention"}
+
+
+def openvino():
+    return require("openvino", "openvino")
+
+
+def nncf():
+    """NNCF with its telemetry off (NNCF reads NNCF_CI once, at import)."""
+    os.environ.setdefault("NNCF_CI", "1")
+    return require("nncf", "openvino")
+
+
+def ir_files(path: Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact not found: {path}")
+    if not path.is_dir():
+        raise ArtifactError(f"{path.name}: an OpenVINO artifact is a directory holding {XML} and {BIN}")
+    xml, bin_ = path / XML, path / BIN
+    missing = [p.name for p in (xml, bin_) if not p.is_file()]
+    if missing:
+        raise ArtifactError(f"{path.name}: {' and '.join(missing)} missing (an OpenVINO IR needs {XML} + {BIN})")
+    return xml, bin_
+
+
+def read_rt_info(path: Path) -> dict[str, str]:
+    """Our rt_info section of the IR (``name -> value``), read from the XML alone (no weights, no
+    OpenVINO needed); ArtifactError for a file that is not an IR."""
+    xml, _ = ir_files(path)
+    try:
+        root = ET.parse(xml).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise ArtifactError(f"{path.name}/{XML}: not a readable OpenVINO IR ({type(e).__name__})") from e
+    if root.tag != "net":
+        raise ArtifactError(f"{path.name}/{XML}: not an OpenVINO IR (root <{root.tag}>, expected <net>)")
+    section = root.find(f"rt_info/{RT_SECTION}")
+    if section is None:
+        return {}
+    return {child.tag: child.get("value", "") for child in section}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_weights(path: Path) -> None:
+    """The .bin must be the one written with this .xml: its size and sha256 are recorded in rt_info
+    (a missing, truncated or swapped .bin is an ArtifactError, not a crash or silent garbage)."""
+    _, bin_ = ir_files(path)
+    info = read_rt_info(path)
+    size, sha = info.get("bin_size"), info.get("bin_sha256")
+    actual = bin_.stat().st_size
+    if size and size.isdigit() and int(size) != actual:
+        raise ArtifactError(f"{path.name}/{BIN}: {actual} bytes, the IR was written with {size} "
+                            "(truncated, or another model's weights)")
+    if sha and sha256_file(bin_) != sha:
+        raise ArtifactError(f"{path.name}/{BIN}: sha256 differs from the one recorded in {XML} "
+                            "(the weights were swapped or corrupted)")
+
+
+def module_of(name: str) -> str:
+    """The deploy-form module an OpenVINO op came from, by its ONNX scope name
+    ('/stages.0/stages.0.0/norm1/LayerNormalization' -> 'stages.0.0.norm1')."""
+    from .onnx import module_of as onnx_module_of
+    return onnx_module_of(name)
+
+
+def in_modules(name: str, modules) -> bool:
+    m = module_of(name)
+    return bool(m) and any(m == k or m.startswith(k + ".") for k in modules)
+
+
+class OpenVinoTarget(Target):
+    key = "openvino"
+    suffix = ".openvino"
+    is_dir = True
+    extra = "openvino"
+    runtime = "openvino"
+    precisions = ("fp32", "fp16", "int8")
+    calibrated = ("int8",)
+    # fp32: IEEE float32 execution (the runner forces it). fp16: fp16 weights, f32 compute (~1e-3 rel.).
+    # bf16: the runner's bf16 execution of any IR (~1e-2 rel.). int8: judged by the accuracy gate.
+    tolerances = {"fp32": Tolerance(1e-4, 1e-4, 0.99999), "fp16": Tolerance(2e-2, 2e-2, 0.999),
+                  "bf16": Tolerance(1e-1, 5e-2, 0.998), "int8": Tolerance(0.5, 0.1, 0.99, gate_top1=False)}
+    options = (
+        TargetOption("nncf_preset", "int8: NNCF quantization preset (performance: symmetric activations; "
+                     "mixed: asymmetric activations).", str, "performance", ("performance", "mixed")),
+        TargetOption("nncf_model_type", "int8: NNCF model type (transformer: NNCF's transformer rules, e.g. "
+                     "no quantizers on Add/LayerNorm inputs; none: generic CNN rules).", str, "transformer",
+                     ("transformer", "none")),
+        TargetOption("smooth_quant", "int8: SmoothQuant alpha for MatMuls (negative: off).", float, -1.0),
+        TargetOption("bias_correction", "int8: NNCF bias correction (fast: the fast variant; full: the slower "
+                     "exact one; none: off).", str, "fast", ("fast", "full", "none")),
+    )
+    versions = ("openvino", "nncf", "onnx", "onnxslim")
+    description = "OpenVINO IR (fp32, fp16-compressed weights, NNCF int8): the fastest CPU path"
+
+    def check(self, options: ExportOptions) -> None:
+        super().check(options)
+        openvino()
+        if options.precision == "int8":
+            nncf()
+        alpha = options.opt("smooth_quant")
+        if alpha is not None and alpha > 1.0:
+            raise UsageError(f"bad --smooth-quant {alpha}: an alpha in [0, 1], or negative for off")
+
+    # ---------------------------------------------------------------- export
+
+    def export(self, deploy_model, options: ExportOptions, out: Path, manifest: dict) -> dict:
+        from dataclasses import replace
+
+        from .onnx import export_onnx
+
+        ov = openvino()
+        self.check(options)
+        onnx = require("onnx", "onnx")
+        # The ONNX is always float32: fp16 is weight storage here, int8 comes from NNCF on the fp32 graph.
+        proto = export_onnx(deploy_model, replace(options, precision="fp32"), manifest)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=False)
+        src = out / ".deploy-form.onnx"
+        try:
+            onnx.save(proto, str(src))
+            model = ov.Core().read_model(str(src))
+        except Exception as e:
+            raise ExportError(f"OpenVINO's ONNX frontend failed on the deploy form: {one_line(e)}") from e
+        finally:
+            src.unlink(missing_ok=True)
+        model.outputs[0].get_tensor().set_names({"logits"})
+        facts: dict = {"openvino": {"source": "deploy-form ONNX via Core.read_model",
+                                    "compress_to_fp16": options.precision == "fp16"}}
+        if options.precision == "int8":
+            model, facts["openvino"]["nncf"] = self._quantize(model, options)
+        if options.precision == "fp16" and options.keeps:
+            facts["openvino"]["precision_keeps"] = ("not applied: fp16 is weight storage, decompressed to "
+                                                    "float32 before compute")
+        ops = Counter(op.get_type_name() for op in model.get_ordered_ops())
+        facts["openvino"]["ops"] = sum(ops.values())
+        manifest.update(facts)
+        self._save(model, out, manifest, compress=options.precision == "fp16")
+        return facts
+
+    def _save(self, model, out: Path, manifest: dict, compress: bool) -> None:
+        """Save twice: the .bin does not depend on rt_info, so the second save records the first's .bin
+        size and sha256 in the .xml (what lets the runner refuse a swapped or truncated .bin)."""
+        ov = openvino()
+        xml = out / XML
+        model.set_rt_info(json.dumps(manifest, sort_keys=True), [RT_SECTION, "manifest"])
+        try:
+            ov.save_model(model, str(xml), compress_to_fp16=compress)
+            bin_ = out / BIN
+            model.set_rt_info(str(bin_.stat().st_size), [RT_SECTION, "bin_size"])
+            model.set_rt_info(sha256_file(bin_), [RT_SECTION, "bin_sha256"])
+            first = bin_.read_bytes()
+            ov.save_model(model, str(xml), compress_to_fp16=compress)
+        except Exception as e:
+            raise ExportError(f"openvino.save_model failed: {one_line(e)}") from e
+        if bin_.read_bytes() != first:
+            raise ExportError("openvino.save_model wrote different weights on a second save")
+
+    def _quantize(self, model, options: ExportOptions):
+        """NNCF PTQ on the fp32 IR: the calibration images, batch by batch, the keeps as ignored scope."""
+        nn = nncf()
+        if options.calibration is None or not len(options.calibration.x):
+            raise UsageError("int8 needs calibration images (options.calibration)")
+        x = options.calibration.x
+        b = options.batch or 1
+        items = [x[i:i + b] for i in range(0, len(x) - len(x) % b, b)] or [x[:b]]
+        ignored = sorted(op.get_friendly_name() for op in model.get_ordered_ops()
+                         if op.get_type_name() not in ("Constant", "Parameter", "Result")
+                         and in_modules(op.get_friendly_name(), options.keeps))
+        preset = {"performance": nn.QuantizationPreset.PERFORMANCE, "mixed": nn.QuantizationPreset.MIXED}[
+            options.opt("nncf_preset") or "performance"]
+        model_type = nn.ModelType.TRANSFORMER if (options.opt("nncf_model_type") or "transformer") == "transformer" \
+            else None
+        alpha = options.opt("smooth_quant")
+        alpha = -1.0 if alpha is None else float(alpha)
+        bias = options.opt("bias_correction") or "fast"
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+        advanced = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
+            disable_bias_correction=bias == "none")
+        record = {"preset": options.opt("nncf_preset") or "performance",
+                  "model_type": options.opt("nncf_model_type") or "transformer", "smooth_quant": alpha,
+                  "bias_correction": bias, "calibration_batches": len(items), "ignored_ops": len(ignored),
+                  "ignored_modules": list(options.keeps)}
+        try:
+            quantized = nn.quantize(model, nn.Dataset(items), preset=preset, model_type=model_type,
+                                    subset_size=len(items) * b, fast_bias_correction=bias != "full",
+                                    ignored_scope=nn.IgnoredScope(names=ignored, validate=False),
+                                    advanced_parameters=advanced)
+        except Exception as e:
+            raise ExportError(f"NNCF quantization failed: {one_line(e)}") from e
+        record["fake_quantize"] = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
+        return quantized, record
+
+    # ---------------------------------------------------------------- reading back
+
+    def read_embedded(self, path: Path) -> dict | None:
+        text = read_rt_info(Path(path)).get("manifest")
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ArtifactError(f"{Path(path).name}: embedded manifest is not valid JSON") from e
+        return data if isinstance(data, dict) else None
+
+    def files(self, path: Path) -> list[Path]:
+        path = Path(path)
+        return [p for p in (path / XML, path / BIN) if p.is_file()] if path.is_dir() else []
+
+    def inspect(self, path: Path) -> dict:
+        ov = openvino()
+        path = Path(path)
+        xml, bin_ = ir_files(path)
+        verify_weights(path)
+        try:
+            model = ov.Core().read_model(str(xml), str(bin_))
+        except Exception as e:
+            raise ArtifactError(f"{path.name}: OpenVINO cannot read it ({one_line(e, 200)})") from e
+        ops = model.get_ordered_ops()
+        kinds = Counter(op.get_type_name() for op in ops)
+        ranks = [o.get_partial_shape().rank.get_length() for op in ops for o in op.outputs()
+                 if o.get_partial_shape().rank.is_static]
+
+        def io(ports):
+            return [{"name": p.get_any_name(), "dtype": _dtype(p.get_element_type()),
+                     "shape": [d.get_length() if d.is_static else "batch" for d in p.get_partial_shape()]}
+                    for p in ports]
+
+        def fed_by_fq(op) -> bool:
+            """Whether an op computes on quantized data: an input from FakeQuantize, directly or through a
+            layout op (NNCF quantizes the input of a Transpose/Reshape chain)."""
+            for inp in op.inputs():
+                src = inp.get_source_output().get_node()
+                while src.get_type_name() in ("Reshape", "Transpose", "Convert", "Squeeze", "Unsqueeze"):
+                    src = src.input_value(0).get_node()
+                if src.get_type_name() == "FakeQuantize":
+                    return True
+            return False
+
+        per_precision: Counter = Counter()
+        fp32_heavy: Counter = Counter()
+        for op in ops:
+            t = op.get_type_name()
+            if t == "FakeQuantize":
+                per_precision["int8 (FakeQuantize)"] += 1
+                continue
+            if t in STRUCTURAL:
+                continue
+            p = "int8" if fed_by_fq(op) else _dtype(op.get_output_element_type(0))
+            per_precision[p] += 1
+            if t in HEAVY and p == "fp32":
+                fp32_heavy[module_of(op.get_friendly_name())] += 1
+        weights: Counter = Counter()
+        for op in ops:
+            if op.get_type_name() == "Constant":
+                et = op.get_output_element_type(0)
+                if et.is_real() or et.get_type_name() in ("i8", "u8", "i4", "u4"):
+                    weights[_dtype(et)] += op.get_byte_size()
+        manifest = self.read_embedded(path) or {}
+        precision = manifest.get("precision")
+        return {
+            "format": "openvino-ir", "ir_version": _ir_version(xml), "files": [p.name for p in self.files(path)],
+            "inputs": io(model.inputs), "outputs": io(model.outputs),
+            "ops": dict(sorted(kinds.items())), "nodes": len(ops), "max_rank": max(ranks) if ranks else None,
+            "precisions": dict(per_precision), "weight_bytes": dict(weights),
+            "kept_fp32": sorted(m for m in fp32_heavy if m) if precision == "int8" else [],
+        }
+
+
+def _dtype(et) -> str:
+    name = et.get_type_name()
+    return {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "uint8", "i64": "int64",
+            "i32": "int32", "f64": "fp64", "boolean": "bool"}.get(name, name)
+
+
+def _ir_version(xml: Path) -> int | None:
+    with open(xml, "rb") as f:
+        head = f.read(400).decode("utf-8", "replace")
+    m = re.search(r'<net [^>]*version="(\d+)"', head)
+    return int(m.group(1)) if m else None
