@@ -570,8 +570,12 @@ def _localize(report: ParityReport, runner, reference, sets: list[InputSet], all
     x = np.concatenate([s.x for s in sets])
     err = np.nan_to_num(np.abs(all_a - all_r).reshape(len(x), -1).max(1), nan=np.inf)
     worst = x[np.argsort(-err, kind="stable")[:batch or LOCALIZE_COUNT]]
-    stages = compare_stages(run_stages_batched(runner, worst, batch), run_stages_batched(reference, worst, None),
-                            float("inf"))
+    try:
+        exposed = run_stages_batched(runner, worst, batch)
+    except ArtifactError as e:
+        _warn(report.warnings, f"cannot run the artifact's per-stage outputs: {e}")
+        exposed = {}
+    stages = compare_stages(exposed, run_stages_batched(reference, worst, None), float("inf"))
     # A stage diverges above the rule's scale, or, for an artifact that fails only narrowly, where at least
     # a tenth of the final error has already appeared (stages before a wrong weight stay at float noise).
     final = stages[-1].rel_l2 if stages else 0.0

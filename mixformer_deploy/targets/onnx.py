@@ -42,8 +42,9 @@ class _Exportable(torch.nn.Module):
         self.deploy, self.dtype, self.debug = deploy, dtype, debug
 
     def forward(self, x):
-        outs = [o.float() for o in self.deploy.stage_tensors(x.to(self.dtype))]
-        return (outs[-1], *outs[:-1]) if self.debug else outs[-1]
+        outs = self.deploy.stage_tensors(x.to(self.dtype))
+        # debug tensors stay as computed (a Cast to float32 for them would be dropped with the debug outputs)
+        return (outs[-1].float(), *outs[:-1]) if self.debug else outs[-1].float()
 
 
 def _drop_dead_nodes(graph) -> None:
