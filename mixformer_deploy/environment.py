@@ -17,20 +17,6 @@ from pathlib import Path
 
 from .backends import version_of
 
-# key -> (pip distributions that provide it, first match wins; the extra that installs it)
-_DISTS: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "torch": (("torch",), None),
-    "onnx": (("onnx",), "onnx"),
-    "onnxruntime": (("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"), "onnx"),
-    "openvino": (("openvino",), "openvino"),
-    "coreml": (("coremltools",), "coreml"),
-    "tensorrt": (("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"), "tensorrt"),
-    "executorch": (("executorch",), "executorch"),
-    "litert": (("ai-edge-litert",), "litert"),
-}
-BACKENDS = tuple(_DISTS)
-
-
 # ---------------------------------------------------------------- hardware
 
 def _read(path: str) -> str | None:
@@ -184,131 +170,32 @@ def hardware() -> dict:
 
 # ---------------------------------------------------------------- backends
 
-def _installed(key: str) -> tuple[str | None, str | None]:
-    """(distribution, version) of the first installed distribution providing ``key``."""
-    for dist in _DISTS[key][0]:
-        v = version_of(dist)
-        if v:
-            return dist, v
-    return None, None
-
-
-def _entry(key: str, can_export, can_run, devices=(), note: str = "", missing_note: str = "") -> dict:
-    dists, extra = _DISTS[key]
-    dist, version = _installed(key)
-    if not version:
-        hint = f'pip install "mixformer-deploy[{extra}]"' if extra else f"pip install {dists[0]}"
-        return {"key": key, "package": dists[0], "installed": False, "version": None,
-                "can_export": False if can_export is not None else None,
-                "can_run": False if can_run is not None else None, "devices": [],
-                "note": f"not installed: {hint}" + (f"; {missing_note}" if missing_note else "")}
-    return {"key": key, "package": dist, "installed": True, "version": version, "can_export": can_export,
-            "can_run": can_run, "devices": list(devices), "note": note}
-
-
-def _torch_entry() -> dict:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch  # the package itself depends on torch; normally imported already
-        except ImportError:
-            return _entry("torch", False, False)
-    devices, notes = ["cpu"], []
-    try:
-        if torch.cuda.is_available():
-            devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        notes.append(f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            devices.append("mps")
-    except Exception as e:  # a broken CUDA install must not break `info`
-        notes.append(f"CUDA check failed: {type(e).__name__}")
-    if devices == ["cpu"] and torch.version.cuda:
-        notes.append("no CUDA GPU visible")
-    return _entry("torch", True, True, devices, "; ".join(notes))
-
-
-def _onnx_entry() -> dict:
-    script = version_of("onnxscript")
-    note = f"onnxscript {script} (dynamo exporter)" if script else "onnxscript missing: dynamo exporter unavailable"
-    return _entry("onnx", True, None, (), f"format library; {note}")
-
-
-def _onnxruntime_entry(probe: bool) -> dict:
-    ort = sys.modules.get("onnxruntime")
-    if ort is None and probe and _installed("onnxruntime")[1]:
-        try:
-            import onnxruntime as ort
-        except Exception as e:
-            return {**_entry("onnxruntime", None, False), "note": f"import failed: {type(e).__name__}: {e}"[:200]}
-    if ort is None:
-        return _entry("onnxruntime", None, True, ["CPUExecutionProvider"], "providers not probed")
-    try:
-        providers = list(ort.get_available_providers())
-    except Exception as e:
-        return {**_entry("onnxruntime", None, False), "note": f"provider query failed: {type(e).__name__}"}
-    gpu = [p for p in providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
-    note = "" if not gpu or cuda_available() else "GPU providers present but no CUDA GPU visible"
-    return _entry("onnxruntime", None, bool(providers), providers, note)
-
-
-def _openvino_entry(probe: bool) -> dict:
-    nncf = version_of("nncf")
-    notes = [f"nncf {nncf} (int8)" if nncf else "nncf missing: no int8"]
-    arch_ok = platform.machine().lower() in ("x86_64", "amd64", "arm64", "aarch64")
-    devices: list[str] = ["CPU"] if arch_ok else []
-    if probe and _installed("openvino")[1]:
-        try:
-            import openvino as ov
-            devices = list(ov.Core().available_devices)
-        except Exception as e:
-            notes.append(f"device query failed: {type(e).__name__}")
-    elif arch_ok:
-        notes.append("devices not probed")
-    if not arch_ok:
-        notes.append(f"no CPU plugin for {platform.machine()}")
-    return _entry("openvino", True, bool(devices), devices, "; ".join(notes))
-
-
-def _coreml_entry() -> dict:
-    mac = sys.platform == "darwin"
-    note = "prediction runs on macOS" if mac else "conversion only: prediction needs macOS"
-    return _entry("coreml", True, mac, ["ALL"] if mac else [], note, missing_note="" if mac else note)
-
-
-def _tensorrt_entry() -> dict:
-    gpu = cuda_available()
-    note = "" if gpu else "needs an NVIDIA CUDA GPU; none visible here"
-    return _entry("tensorrt", gpu, gpu, ["cuda"] if gpu else [], note, missing_note=note)
-
-
-def _executorch_entry() -> dict:
-    return _entry("executorch", True, True, ["cpu (XNNPACK)"])
-
-
-def _litert_entry() -> dict:
-    conv_dist, conv = next(((d, version_of(d)) for d in ("litert-torch", "ai-edge-torch") if version_of(d)),
-                           ("litert-torch", None))
-    note = f"converter {conv_dist} {conv}" if conv else 'converter litert-torch missing: pip install "mixformer-deploy[litert]"'
-    entry = _entry("litert", bool(conv), True, ["cpu"], note,
-                   missing_note=f"converter {conv_dist} {conv} installed" if conv else "")
-    if conv and not entry["installed"]:  # the converter alone can still write .tflite files
-        entry["can_export"] = True
-    return entry
-
-
 def backends_status(probe: bool = False) -> dict[str, dict]:
-    """Each backend: installed, version, whether it can export and run here, on which devices.
+    """Each backend of the targets and runtimes tables: installed, version, whether it can export (a
+    target that exists) and run (a runtime that exists) here, on which devices. ``probe=True`` lets
+    runtimes import themselves to list devices (slower)."""
+    from .targets import TARGETS, get_target
+    from .targets import built as target_built
+    from .runtimes import RUNTIMES, runner_class
+    from .runtimes import built as runtime_built
 
-    Versions come from package metadata. ``probe=True`` also imports onnxruntime and OpenVINO to list their
-    execution providers / devices (slower); without it, a runtime already imported is asked anyway.
-    """
-    return {
-        "torch": _torch_entry(),
-        "onnx": _onnx_entry(),
-        "onnxruntime": _onnxruntime_entry(probe),
-        "openvino": _openvino_entry(probe),
-        "coreml": _coreml_entry(),
-        "tensorrt": _tensorrt_entry(),
-        "executorch": _executorch_entry(),
-        "litert": _litert_entry(),
-    }
+    out: dict[str, dict] = {}
+    order = list(dict.fromkeys(["torch", "onnx", "onnxruntime", *TARGETS, *RUNTIMES]))
+    for key in order:
+        target = get_target(key) if key in TARGETS and target_built(key) else None
+        runner = runner_class(key) if key in RUNTIMES and runtime_built(key) else None
+        if target is None and runner is None:
+            continue
+        try:
+            run = runner.status(probe) if runner else None
+        except Exception as e:  # a broken runtime install must not break `info`
+            run = {"installed": False, "package": key, "version": None, "can_run": False, "devices": [],
+                   "note": f"status check failed: {type(e).__name__}"}
+        exp = target.status() if target else None
+        base = exp if exp else run
+        notes = [n for n in ((exp or {}).get("note"), (run or {}).get("note")) if n]
+        out[key] = {"key": key, "package": base["package"], "installed": bool(base["installed"]),
+                    "version": base["version"], "can_export": exp["can_export"] if exp else None,
+                    "can_run": run["can_run"] if run else None, "devices": (run or {}).get("devices", []),
+                    "note": "; ".join(dict.fromkeys(notes))}
+    return out

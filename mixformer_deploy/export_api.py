@@ -16,7 +16,7 @@ import torch
 
 from .artifact import publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json_atomic
 from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
-from .data import photos
+from .data import parse_size, photos
 from .errors import ArtifactError, ExportError, InputFileError, RewriteError, UsageError
 from .manifest import artifact_name
 from .model import MixFormer
@@ -35,6 +35,11 @@ def rewrite_error(model: MixFormer, deploy: torch.nn.Module, h: int, w: int) -> 
     with torch.no_grad():
         ref, dep = model(x), deploy(x)
     return rel_l2(dep, ref)
+
+
+def check_stride(h: int, w: int, stride: int = 32) -> None:
+    if h <= 0 or w <= 0 or h % stride or w % stride:
+        raise UsageError(f"input size {h}x{w} is not supported: each side must be a positive multiple of {stride}")
 
 
 def parse_batch(batch: str | int | None) -> int | None:
@@ -104,6 +109,8 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
 
     tgt = get_target(target)
     n = parse_batch(batch)
+    if img_size:  # the size is checked before any weights are read (every MixFormer's stride is 32)
+        check_stride(*parse_size(img_size))
     options = ExportOptions(0, 0, n, precision, target_options=target_options_of(tgt, target_options))
     tgt.check(options)  # before any weights are read
     if precision == "fp32" and (keep_fp32 or not default_keeps):

@@ -34,6 +34,8 @@ def load_source(weights: str | Path | None = None, variant: str | None = None,
                 num_classes: int | None = None) -> SourceModel:
     """--weights (default: the shipped weights) or, with --variant alone, seeded random weights."""
     if weights is None and variant and variant.lower() != "auto":
+        from .model import variant_config
+        variant_config(variant)  # an unknown variant is rejected before anything is said about it
         log.warning("no --weights: %s with seeded random weights (seed %d) - fine for latency and parity, "
                     "not for accuracy", variant.upper(), RANDOM_SEED)
         model = create_model(variant, num_classes=num_classes or 1000, seed=RANDOM_SEED)

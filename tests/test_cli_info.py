@@ -65,8 +65,9 @@ def test_info_random_b1_counts():
     assert m["input_size"] == [224, 224] and m["input_size_from"] == "default"
     assert data["weights"] == {"source": "seeded random", "seed": 0}
     assert "seeded random" in r.stderr and "not for accuracy" in r.stderr
-    assert set(data["backends"]) == {"torch", "onnx", "onnxruntime", "openvino", "coreml", "tensorrt",
-                                      "executorch", "litert"}
+    from mixformer_deploy import runtimes, targets
+    assert set(data["backends"]) == {"torch", *targets.keys(), *runtimes.keys()}
+    assert all((e["can_export"] is not None) == (k in targets.keys()) for k, e in data["backends"].items())
     assert data["hardware"]["logical_cores"] == os.cpu_count()
 
 

@@ -13,22 +13,52 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..errors import MixformerDeployError
 
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+INTERNAL_EXIT = 70
+
+
 class _ErrorMappingGroup(TyperGroup):
-    """The one place where the library's typed errors become one stderr line and the contract's exit
-    code, for the console script and for CliRunner alike."""
+    """The one place where errors become one stderr line and the contract's exit code, for the console
+    script and for CliRunner alike. Exit codes never depend on --debug (it only adds the traceback)."""
+
+    def parse_args(self, ctx, args):
+        # --debug / --quiet are global: accept them after the subcommand too
+        flags = [a for a in args if a in GLOBAL_FLAGS]
+        rest = [a for a in args if a not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, flags + rest)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MixformerDeployError as e:
-            if _state["debug"]:
-                raise
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(e.exit_code) from None
+            _fail(e, e.exit_code, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except (typer.Exit, SystemExit):
+            raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Exception as e:  # a bug: never 1, which CI reads as "the artifact is wrong"
+            if _is(e, "UsageError"):  # the (vendored) Click's own parsing: a bad option or value
+                ctx_ = getattr(e, "ctx", None)
+                where = f" (see {ctx_.command_path} --help)" if ctx_ else " (see --help)"
+                _fail(e, 2, e.format_message().splitlines()[0] + where)
+            if _is(e, "Abort") or _is(e, "Exit"):
+                raise
+            _fail(e, INTERNAL_EXIT, f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:200]} "
+                                    "(rerun with --debug for the traceback)")
+
+
+def _is(e: BaseException, name: str) -> bool:
+    """Click's exceptions by name: Typer vendors its own copy of Click, so there is no class to import."""
+    return any(c.__name__ == name for c in type(e).__mro__)
+
+
+def _fail(e: BaseException, code: int, message: str):
+    if _state["debug"]:
+        import traceback
+        traceback.print_exception(e, file=sys.stderr)
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code) from None
 
 
 app = typer.Typer(
@@ -36,7 +66,7 @@ app = typer.Typer(
     name="mixformer-deploy",
     help="Ship trained MixFormer weights to edge runtimes, verified for parity and benchmarked.\n\n"
          "Exit codes: 0 ok; 1 a gate failed; 2 usage error; 3 backend/hardware not available; "
-         "4 bad input file; 5 converter failed.",
+         "4 bad input file; 5 converter failed; 70 internal error.",
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -95,14 +125,15 @@ def _load_commands() -> None:
 
 
 def main() -> None:
-    """Console entry point. Typed errors are mapped inside the app (see _ErrorMappingGroup); what
-    remains here is the last guard: no traceback for anything unexpected unless --debug."""
+    """Console entry point. Errors are mapped inside the app (see _ErrorMappingGroup); what remains here
+    is the last guard for anything raised outside a command (exit 70, one line)."""
     _load_commands()
     try:
         app()
     except Exception as e:
-        if _state["debug"] or "--debug" in sys.argv:
-            raise
-        typer.echo(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug)",
-                   err=True)
-        sys.exit(1)
+        if _state["debug"]:
+            import traceback
+            traceback.print_exception(e, file=sys.stderr)
+        typer.echo(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:200]} "
+                   "(rerun with --debug for the traceback)", err=True)
+        sys.exit(INTERNAL_EXIT)

@@ -93,12 +93,15 @@ class XnnAttentionLogits(nn.Module):
     def __init__(self, logits: AttentionLogits, heads: int):
         super().__init__()
         self.heads = heads
-        self.register_buffer("bias", logits.rel_bias().detach().clone().contiguous())  # (heads, N, N)
+        bias = logits.rel_bias().detach()  # (heads, N, N)
+        # fresh row-major strides: with one head, the deploy form's permuted constant has strides (1, N, 1),
+        # which torch calls contiguous but ExecuTorch serializes into a tensor XNNPACK cannot reshape
+        self.register_buffer("bias", bias.reshape(-1).clone().reshape(bias.shape))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         n = q.shape[1]
-        a = torch.bmm(q, k.transpose(1, 2)).reshape(-1, self.heads, n, n) + self.bias
-        return torch.softmax(a, dim=-1).reshape(-1, n, n)
+        a = torch.bmm(q, k.transpose(1, 2))
+        return torch.softmax(a.reshape(-1, self.heads, n, n) + self.bias, dim=-1).reshape(-1, n, n)
 
 
 class XnnWindowAttention(nn.Module):
@@ -112,11 +115,14 @@ class XnnWindowAttention(nn.Module):
         """Window tokens (B*nW*n, C) -> attention output (B*nW, n, C)."""
         c = x.shape[-1]
         h, d = self.heads, c // self.heads
-        q, k, v = (t.reshape(-1, n, h, d).permute(0, 2, 1, 3).reshape(-1, n, d) for t in self.qkv(x))
+        if h == 1:  # no head axis to move
+            q, k, v = (t.reshape(-1, n, d) for t in self.qkv(x))
+        else:
+            q, k, v = (t.reshape(-1, n, h, d).permute(0, 2, 1, 3).reshape(-1, n, d) for t in self.qkv(x))
         if self.scale != 1.0:
             q = q * self.scale
         o = torch.bmm(self.logits(q, k), v)
-        return o.reshape(-1, h, n, d).permute(0, 2, 1, 3).reshape(-1, n, c)
+        return o.reshape(-1, n, c) if h == 1 else o.reshape(-1, h, n, d).permute(0, 2, 1, 3).reshape(-1, n, c)
 
 
 class XnnBlock(DeployBlock):

@@ -42,6 +42,22 @@ class OnnxRuntimeRunner(Runner):
         self._debug_session = None
 
     @classmethod
+    def status(cls, probe: bool = False) -> dict:
+        import sys
+
+        base = super().status(probe)
+        ort = sys.modules.get("onnxruntime")
+        if base["installed"] and ort is None and probe:
+            try:
+                import onnxruntime as ort
+            except Exception as e:
+                return {**base, "can_run": False, "note": f"import failed: {type(e).__name__}"}
+        if ort is None:
+            return {**base, "devices": ["CPUExecutionProvider"] if base["installed"] else [],
+                    "note": base["note"] or "providers not probed"}
+        return {**base, "devices": list(ort.get_available_providers())}
+
+    @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "OnnxRuntimeRunner":
         return cls(Path(artifact), device, threads)
 

@@ -26,6 +26,11 @@ def _ov():
     return require("openvino", "openvino")
 
 
+def cpu_capabilities(core) -> list[str]:
+    """What OpenVINO's CPU plugin can execute here (FP32, BF16, FP16, INT8, ...)."""
+    return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
 def _device_name(core, device: str) -> str:
     d = (device or "cpu").lower()
     if d in ("cpu", "auto"):
@@ -85,7 +90,7 @@ class OpenVinoRunner(Runner):
         if precision not in EXECUTION:
             raise UsageError(f"bad --runtime-option precision={precision}: choose fp32, bf16 or fp16")
         if precision in CAPABILITY and self.device == "CPU":
-            caps = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            caps = cpu_capabilities(self.core)
             if CAPABILITY[precision] not in caps:
                 raise MissingBackendError(f"this CPU cannot execute {precision} in OpenVINO "
                                           f"(its capabilities: {', '.join(caps)})")
@@ -194,7 +199,7 @@ class OpenVinoRunner(Runner):
             ov = _ov()
             core = ov.Core()
             devices = list(core.available_devices)
-            caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")) if "CPU" in devices else []
+            caps = cpu_capabilities(core) if "CPU" in devices else []
         except Exception as e:  # noqa: BLE001 - info reports, never fails
             return {**base, "can_run": False, "note": f"OpenVINO is installed but cannot start: {one_line(e, 200)}"}
         bf16 = "BF16" in caps

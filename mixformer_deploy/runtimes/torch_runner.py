@@ -49,6 +49,21 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
 
     @classmethod
+    def status(cls, probe: bool = False) -> dict:
+        devices, notes = ["cpu"], []
+        try:
+            if torch.cuda.is_available():
+                devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            notes.append(f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build")
+            if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                devices.append("mps")
+        except Exception as e:  # a broken CUDA install must not break `info`
+            notes.append(f"CUDA check failed: {type(e).__name__}")
+        if devices == ["cpu"] and torch.version.cuda:
+            notes.append("no CUDA GPU visible")
+        return {**super().status(probe), "devices": devices, "note": "; ".join(notes)}
+
+    @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "TorchRunner":
         from ..checkpoints import load_checkpoint
         options = options or {}

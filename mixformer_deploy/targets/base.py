@@ -123,5 +123,16 @@ class Target(ABC):
             return sorted(f for f in path.rglob("*") if f.is_file())
         return [path] if path.is_file() else []
 
+    def status(self) -> dict:
+        """Can this target export here? By default: its first package (``versions[0]``) is installed.
+        Targets with more needs (a compiler, a GPU for a second stage) override."""
+        from ..backends import version_of
+
+        dist = self.versions[0] if self.versions else self.key
+        version = version_of(dist)
+        note = "" if version else f'not installed: pip install "mixformer-deploy[{self.extra}]"'
+        return {"installed": bool(version), "package": dist, "version": version, "can_export": bool(version),
+                "note": note}
+
     def tolerance(self, precision: str) -> Tolerance:
         return self.tolerances.get(precision, Tolerance())

@@ -372,13 +372,20 @@ def _quiet():
     """ModelOpt and onnxruntime's calibrator print progress to stdout; the CLI's stdout is the artifact's
     path. Send it to the log instead."""
     import io
+    import os
     buf = io.StringIO()
     levels = {name: logging.getLogger(name).level for name in ("modelopt", "root")}
     logging.getLogger("modelopt").setLevel(logging.ERROR)
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"     # onnxruntime's calibrator draws progress bars on stderr
     try:
         with redirect_stdout(buf):
             yield
     finally:
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
         logging.getLogger("modelopt").setLevel(levels["modelopt"] or logging.ERROR)
         if buf.getvalue().strip():
             log.debug("modelopt: %s", buf.getvalue()[-2000:])

@@ -1,0 +1,295 @@
+"""Core ML: predicts with the Core ML framework, which exists on macOS only.
+
+On Linux coremltools converts and reads ML programs but cannot run them (its native prediction module,
+``libcoremlpython``, ships only in macOS wheels), so ``load`` raises MissingBackendError("Core ML
+prediction needs macOS") after checking the package itself (a missing weights file or a corrupt spec is
+an ArtifactError on any OS). Nothing here ever fakes a prediction.
+
+``mil_reference`` is something else, said plainly: a numpy evaluation of the ML program's ops as the
+package stores them (fp16 ops rounded to float16), for checking on Linux that the conversion kept the
+function. It is not Core ML's kernels, and it is never used as this runtime's prediction.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import version_of
+from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
+from .base import Runner
+
+NEEDS_MACOS = "Core ML prediction needs macOS"
+COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
+
+
+def can_predict() -> bool:
+    return sys.platform == "darwin"
+
+
+class CoreMlRunner(Runner):
+    key = "coreml"
+    dists = ("coremltools",)
+    extra = "coreml"
+    option_help = {"compute_units": "all (default with --device auto), cpu_only (default with --device cpu), "
+                                    "cpu_and_gpu or cpu_and_ne (CPU + Neural Engine)"}
+
+    def __init__(self, path: Path, device: str, threads: int | None, compute_units: str):
+        from ..targets.coreml import INPUT, LOGITS, check_weights, coremltools, read_spec
+
+        ct = coremltools()
+        self.path, self.threads = Path(path), threads
+        spec = read_spec(self.path)        # ArtifactError on any OS
+        check_weights(self.path, spec)
+        if not can_predict():
+            raise MissingBackendError(NEEDS_MACOS)
+        self.compute_units = compute_units
+        self.device = f"coreml:{compute_units}"
+        inputs = [d.name for d in spec.description.input]
+        outputs = [d.name for d in spec.description.output]
+        self.plain = inputs[:1] == [INPUT] and outputs[:1] == [LOGITS]
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.fixed_batch = None
+        first = spec.description.input[0].type
+        if first.WhichOneof("Type") == "multiArrayType" and not first.multiArrayType.HasField("shapeRange"):
+            self.fixed_batch = int(first.multiArrayType.shape[0])
+        try:
+            embedded = read_embedded_quiet(self.path)
+            self.precision = embedded.get("precision", "fp32")
+        except ArtifactError:
+            self.precision = "fp32"
+        try:
+            self.model = ct.models.MLModel(str(self.path), compute_units=getattr(ct.ComputeUnit,
+                                                                                  COMPUTE_UNITS[compute_units]))
+        except Exception as e:
+            raise ArtifactError(f"{self.path.name}: Core ML cannot load it ({one_line(e, 200)})") from e
+
+    @classmethod
+    def load(cls, artifact, device="auto", threads=None, options=None) -> "CoreMlRunner":
+        options = cls.check_options(options)
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"Core ML picks its own processors: use --device auto or cpu and "
+                             f"--runtime-option compute_units=..., not --device {device}")
+        units = options.get("compute_units") or ("cpu_only" if device == "cpu" else "all")
+        if units not in COMPUTE_UNITS:
+            raise UsageError(f"bad compute_units {units!r}: choose one of {', '.join(COMPUTE_UNITS)}")
+        path = Path(artifact)
+        if not path.exists():
+            raise ArtifactError(f"artifact not found: {path}")
+        return cls(path, device, threads, units)
+
+    @classmethod
+    def status(cls, probe: bool = False) -> dict:
+        v = version_of("coremltools")
+        if v is None:
+            return {"installed": False, "package": "coremltools", "version": None, "can_run": False, "devices": [],
+                    "note": 'not installed: pip install "mixformer-deploy[coreml]"'}
+        if not can_predict():
+            return {"installed": True, "package": "coremltools", "version": v, "can_run": False, "devices": [],
+                    "note": f"conversion only on {platform.system()}: {NEEDS_MACOS}"}
+        return {"installed": True, "package": "coremltools", "version": v, "can_run": True,
+                "devices": [f"coreml:{u}" for u in COMPUTE_UNITS], "note": ""}
+
+    def predict(self, features: dict) -> dict:
+        """One Core ML prediction with the model's own feature names (images as PIL images)."""
+        try:
+            return self.model.predict(features)
+        except Exception as e:
+            raise ArtifactError(f"{self.path.name}: Core ML prediction failed ({one_line(e, 200)})") from e
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if not self.plain:
+            raise UsageError(f"{self.path.name} is an app-facing form (input {self.input_name!r}, output "
+                             f"{self.output_name!r}): parity and benchmarks run on the plain form")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.fixed_batch and x.shape[0] != self.fixed_batch:
+            raise UsageError(f"{self.path.name} takes batches of {self.fixed_batch}, not {x.shape[0]}")
+        return np.asarray(self.predict({self.input_name: x})[self.output_name], dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "compute_units": self.compute_units, "macos": platform.mac_ver()[0]}
+
+    def close(self) -> None:
+        self.model = None
+
+
+def read_embedded_quiet(path: Path) -> dict:
+    from ..targets.coreml import CoreMlTarget
+    return CoreMlTarget().read_embedded(path) or {}
+
+
+# ---------------------------------------------------------------------- numpy reference of the program
+
+def _f32(v):
+    return np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+
+
+def _erf(x):
+    try:
+        from scipy.special import erf
+        return erf(x)
+    except ImportError:  # Abramowitz-Stegun 7.1.26 would be too coarse; torch is always here
+        import torch
+        return torch.erf(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+
+
+def _conv(x, w, b, strides, pad, dilations, groups):
+    import torch
+    import torch.nn.functional as F
+    x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    p = [int(v) for v in pad]  # (top, bottom, left, right)
+    x = F.pad(x, (p[2], p[3], p[0], p[1]))
+    out = F.conv2d(x, torch.from_numpy(np.ascontiguousarray(w, np.float32)),
+                   None if b is None else torch.from_numpy(np.asarray(b, np.float32)),
+                   stride=tuple(int(s) for s in strides), dilation=tuple(int(d) for d in dilations), groups=int(groups))
+    return out.numpy()
+
+
+def _slice(x, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+    idx = []
+    for i in range(x.ndim):
+        b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
+        e = None if end_mask is not None and end_mask[i] else int(end[i])
+        s = int(stride[i]) if stride is not None else 1
+        if squeeze_mask is not None and squeeze_mask[i]:
+            idx.append(int(begin[i]))
+        else:
+            idx.append(slice(b, e, s))
+    return x[tuple(idx)]
+
+
+def _op(op, v):
+    """One MIL op on float32 numpy values (the result is cast to the op's own output dtype by the caller)."""
+    t = op.op_type
+    a = lambda name: v(name)  # noqa: E731
+    if t in ("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"):
+        f = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "maximum": np.maximum,
+             "minimum": np.minimum, "pow": np.power}[t]
+        return f(a("x"), a("y"))
+    if t == "linear":
+        out = a("x") @ a("weight").T
+        return out + a("bias") if op.inputs.get("bias") is not None else out
+    if t == "matmul":
+        x, y = a("x"), a("y")
+        if a("transpose_x"):
+            x = np.swapaxes(x, -1, -2)
+        if a("transpose_y"):
+            y = np.swapaxes(y, -1, -2)
+        return x @ y
+    if t == "conv":
+        return _conv(a("x"), a("weight"), a("bias") if op.inputs.get("bias") is not None else None, a("strides"),
+                     a("pad"), a("dilations"), a("groups"))
+    if t == "layer_norm":
+        x, axes = a("x"), tuple(int(i) for i in a("axes"))
+        mean = x.mean(axis=axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+        y = (x - mean) / np.sqrt(var + a("epsilon"))
+        if op.inputs.get("gamma") is not None:
+            y = y * a("gamma")
+        return y + a("beta") if op.inputs.get("beta") is not None else y
+    if t == "gelu":
+        x, mode = a("x"), str(a("mode") or "EXACT")
+        if mode == "EXACT":
+            return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
+        if mode == "TANH_APPROXIMATION":
+            return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+        return x / (1 + np.exp(-1.702 * x))
+    if t == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-a("x")))
+    if t == "relu":
+        return np.maximum(a("x"), 0)
+    if t == "softmax":
+        x, axis = a("x"), int(a("axis"))
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+    if t == "reshape":
+        return a("x").reshape([int(s) for s in a("shape")])
+    if t == "transpose":
+        return np.transpose(a("x"), [int(p) for p in a("perm")])
+    if t == "reduce_mean":
+        axes = a("axes")
+        return a("x").mean(axis=None if axes is None else tuple(int(i) for i in axes), keepdims=bool(a("keep_dims")))
+    if t == "pad":
+        x, pad = a("x"), [int(p) for p in a("pad")]
+        widths = [(0, 0)] * (x.ndim - len(pad) // 2) + [(pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)]
+        if str(a("mode") or "constant") != "constant":
+            raise NotImplementedError(f"pad mode {a('mode')}")
+        return np.pad(x, widths, constant_values=float(a("constant_val") or 0.0))
+    if t == "concat":
+        return np.concatenate(a("values"), axis=int(a("axis")))
+    if t == "split":
+        x, axis = a("x"), int(a("axis"))
+        sizes = a("split_sizes")
+        if sizes is None:
+            sizes = [x.shape[axis] // int(a("num_splits"))] * int(a("num_splits"))
+        return tuple(np.split(x, np.cumsum([int(s) for s in sizes])[:-1], axis=axis))
+    if t == "slice_by_index":
+        return _slice(a("x"), a("begin"), a("end"), a("stride"), a("begin_mask"), a("end_mask"), a("squeeze_mask"))
+    if t == "cast":
+        return a("x")
+    if t in ("identity", "squeeze", "expand_dims"):
+        x = a("x")
+        if t == "identity":
+            return x
+        axes = [int(i) for i in a("axes")]
+        return np.squeeze(x, axis=tuple(axes)) if t == "squeeze" else np.expand_dims(x, axis=tuple(axes))
+    raise NotImplementedError(f"the numpy MIL reference has no {t!r} op")
+
+
+_NP = {"fp16": np.float16, "fp32": np.float32}
+
+
+def mil_reference(package: str | Path, batch: np.ndarray) -> np.ndarray:
+    """The plain form's logits for ``batch`` by evaluating the package's ML program op by op in numpy
+    (weights read from its weight file; fp16 ops' results rounded to float16). A check of the conversion
+    on machines without Core ML, not a Core ML prediction."""
+    from ..targets.coreml import INPUT, LOGITS, coremltools, read_spec, spec_path
+
+    coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+    from coremltools.converters.mil.mil import types
+
+    package = Path(package)
+    spec = read_spec(package)
+    names_in = [d.name for d in spec.description.input]
+    names_out = [d.name for d in spec.description.output]
+    if names_in[:1] != [INPUT] or names_out[:1] != [LOGITS]:
+        raise UsageError(f"{package.name}: the numpy reference evaluates the plain form only")
+    try:
+        program = load_program(spec, spec.specificationVersion, file_weights_dir=str(spec_path(package).parent /
+                                                                                      "weights"))
+    except Exception as e:
+        raise ArtifactError(f"{package.name}: cannot read its ML program ({one_line(e, 200)})") from e
+    fn = program.functions["main"]
+    env: dict = {}
+
+    def value(var):
+        if var is None:
+            return None
+        if isinstance(var, (list, tuple)):
+            return [value(x) for x in var]
+        if var.name in env:
+            return env[var.name]
+        if var.val is not None:
+            val = var.val
+            return _f32(val) if isinstance(val, np.ndarray) and val.dtype.kind == "f" else val
+        raise ArtifactError(f"{package.name}: value {var.name} is used before it is computed")
+
+    x = np.ascontiguousarray(batch, dtype=np.float32)
+    inp = fn.inputs[INPUT]
+    env[inp.name] = x.astype(np.float16) if types.builtin_to_string(inp.dtype) == "fp16" else x
+    for op in fn.operations:
+        if op.op_type == "const":
+            continue
+        result = _op(op, lambda name: value(op.inputs.get(name)))
+        results = result if isinstance(result, tuple) else (result,)
+        for out_var, r in zip(op.outputs, results):
+            dt = types.builtin_to_string(out_var.dtype) if types.is_tensor(out_var.sym_type) or \
+                types.is_scalar(out_var.sym_type) else None
+            r = np.asarray(r)
+            env[out_var.name] = r.astype(_NP[dt]).astype(np.float32) if dt in _NP else r
+    out = fn.outputs[0]
+    return np.asarray(env[out.name], dtype=np.float32)
