@@ -33,6 +33,25 @@ def external_files(model, folder: Path) -> list[Path]:
     return out
 
 
+def _check_declared_sizes(model, name: str) -> None:
+    """A tensor whose shape declares more elements than its bytes hold is corrupt (or hostile: a runtime
+    would try to allocate what it declares)."""
+    onnx = require("onnx", "onnx")
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+            continue
+        count = 1
+        for d in t.dims:
+            count *= int(d)
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:
+            continue
+        if count * itemsize != len(t.raw_data):
+            raise ArtifactError(f"{name}: tensor {t.name!r} declares {count} elements but holds "
+                                f"{len(t.raw_data)} bytes (corrupt)")
+
+
 def load_onnx(path: str | Path, load_weights: bool = True):
     """onnx.load with one-line errors for files that are missing, not ONNX, truncated or unsafe."""
     onnx = require("onnx", "onnx")
@@ -45,6 +64,7 @@ def load_onnx(path: str | Path, load_weights: bool = True):
         raise ArtifactError(f"{path.name}: not a readable ONNX model ({type(e).__name__})") from e
     if not model.graph.node or not model.graph.input or not model.graph.output:
         raise ArtifactError(f"{path.name}: not a usable ONNX model (empty graph, inputs or outputs)")
+    _check_declared_sizes(model, path.name)
     files = external_files(model, path.parent)
     if load_weights and files:
         missing = [f.name for f in files if not f.is_file()]
