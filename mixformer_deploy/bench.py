@@ -421,6 +421,7 @@ def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Cal
         warm = w.call("warmup", policy.warmup_s, policy.warmup_min_iters)
         est[w] = float(np.median(warm)) if warm else 1e6
     samples: dict[_Worker, list[int]] = {w: [] for w in workers}
+    rounds: dict[_Worker, list[int]] = {w: [] for w in workers}
     order = list(workers)
     while True:
         progress = min(_enough(samples[w], policy) for w in workers)
@@ -431,9 +432,10 @@ def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Cal
             k = max(1, min(100_000, int(policy.round_seconds * 1e9 / max(est[w], 1.0))))
             times = w.call("run", k)
             samples[w] += times
+            rounds[w].append(len(times))
             est[w] = float(np.median(times))
         order = order[1:] + order[:1]  # rotate, so no subject always runs right after the same one
-    return {w: (first[w], samples[w]) for w in workers}
+    return {w: (first[w], samples[w], rounds[w]) for w in workers}
 
 
 def _row(subject: Subject, index: int, info: dict, batch: int, first_ns: int, samples_ns: list[int],
@@ -542,8 +544,9 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
             measured = _measure_batch([workers[i] for i in group], batch, policy,
                                       lambda f, gi=gi, label=label: tick((gi + f) / len(groups), label))
             for i in group:
-                first, samples = measured[workers[i]]
-                rows.append(_row(subjects[i], i, infos[i], batch, first, samples, workers[i].call("memory"), policy))
+                first, samples, round_sizes = measured[workers[i]]
+                row = _row(subjects[i], i, infos[i], batch, first, samples, workers[i].call("memory"), policy)
+                rows.append({**row, "round_sizes": round_sizes})
         memory = {i: workers[i].call("memory") for i in used}
     finally:
         for w in workers.values():

@@ -1,8 +1,10 @@
 """The latency regression gate: is the new p50 slower than the baseline's beyond a threshold, beyond noise?
 
-Why a bootstrap: two runs of the same build never give the same median. Resampling each run's raw
-samples (seeded, so the verdict is reproducible) gives a confidence interval of the ratio of medians
-new/old; a regression is declared only when even the interval's lower bound exceeds 1 + threshold.
+Why a block bootstrap: two runs of the same build never give the same median, and samples within one
+round (a burst of back-to-back iterations) share that moment's machine state, so they are not
+independent. Resampling whole rounds of each run (seeded, so the verdict is reproducible) gives a
+confidence interval of the ratio of medians new/old that does not pretend to more evidence than there is;
+a regression is declared only when even the interval's lower bound exceeds 1 + threshold.
 Why the fingerprint check: timings from another machine say nothing about this change, so a baseline
 from another machine fingerprint gives a warning and no verdict.
 """
@@ -14,7 +16,7 @@ import math
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import InputFileError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +37,43 @@ def parse_threshold(text: str | float) -> float:
     return value / 100 if percent or value > 1 else value
 
 
-def _subsample(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return rng.choice(a, MAX_SAMPLES, replace=False) if a.size > MAX_SAMPLES else a
+def _blocks(samples, sizes) -> list[np.ndarray]:
+    """Split raw samples into their rounds; without round sizes (older results) each sample is a block."""
+    a = np.asarray(samples, dtype=np.float64)
+    if not sizes or sum(sizes) != a.size:
+        return [a[i:i + 1] for i in range(a.size)]
+    return np.split(a, np.cumsum(sizes)[:-1])
 
 
-def bootstrap_ratio(new, old, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """Ratio of medians new/old with a percentile bootstrap interval (two-sided, ``confidence``)."""
+def _resampled_medians(blocks: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+    if all(b.size == 1 for b in blocks):  # plain bootstrap, vectorized
+        a = np.concatenate(blocks)
+        if a.size > MAX_SAMPLES:
+            a = rng.choice(a, MAX_SAMPLES, replace=False)
+        out = []
+        for start in range(0, n, CHUNK):
+            m = min(CHUNK, n - start)
+            out.append(np.median(a[rng.integers(0, a.size, (m, a.size))], axis=1))
+        return np.concatenate(out)
+    picks = rng.integers(0, len(blocks), (n, len(blocks)))
+    return np.array([np.median(np.concatenate([blocks[i] for i in row])) for row in picks])
+
+
+def bootstrap_ratio(new, old, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+                    new_rounds=None, old_rounds=None) -> dict:
+    """Ratio of medians new/old with a percentile block-bootstrap interval (two-sided, ``confidence``):
+    whole rounds are resampled (``*_rounds``: the sizes of the rounds the samples came in)."""
     rng = np.random.default_rng(seed)
     new, old = np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64)
     if new.size == 0 or old.size == 0:
         raise ValueError("bootstrap needs samples on both sides")
-    a, b = _subsample(new, rng), _subsample(old, rng)
-    ratios = []
-    for start in range(0, resamples, CHUNK):
-        n = min(CHUNK, resamples - start)
-        ma = np.median(a[rng.integers(0, a.size, (n, a.size))], axis=1)
-        mb = np.median(b[rng.integers(0, b.size, (n, b.size))], axis=1)
-        ratios.append(ma / mb)
-    r = np.concatenate(ratios)
+    r = (_resampled_medians(_blocks(new, new_rounds), resamples, rng)
+         / _resampled_medians(_blocks(old, old_rounds), resamples, rng))
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(r, [tail, 100 - tail])
     return {"ratio": float(np.median(new) / np.median(old)), "low": float(low), "high": float(high),
-            "confidence": confidence, "resamples": resamples, "seed": seed}
+            "confidence": confidence, "resamples": resamples, "seed": seed,
+            "blocks": "rounds" if new_rounds and old_rounds else "samples"}
 
 
 def row_key(row: dict) -> tuple:
@@ -85,7 +102,8 @@ def compare(current: dict, baseline: dict, threshold: float, seed: int = 0) -> d
                  "p50_ms": r["latency_ms"]["p50"], "baseline_p50_ms": None, "ratio": None, "low": None,
                  "high": None, "status": "no baseline"}
         if b is not None:
-            ci = bootstrap_ratio(r["samples_ms"], b["samples_ms"], seed=seed)
+            ci = bootstrap_ratio(r["samples_ms"], b["samples_ms"], seed=seed, new_rounds=r.get("round_sizes"),
+                                 old_rounds=b.get("round_sizes"))
             entry.update(baseline_p50_ms=b["latency_ms"]["p50"], ratio=ci["ratio"], low=ci["low"], high=ci["high"],
                          status="other machine" if not same_machine else
                          "regressed" if ci["low"] > 1 + threshold else "faster" if ci["high"] < 1 else "ok")
@@ -93,7 +111,10 @@ def compare(current: dict, baseline: dict, threshold: float, seed: int = 0) -> d
                 regressed.append(entry)
         rows.append(entry)
     if all(e["status"] == "no baseline" for e in rows):
-        warnings.append("no result matches the baseline (variant, input size, batch, precision, runtime)")
+        wanted = "; ".join(sorted({"/".join(e["key"]) for e in rows}))
+        have = "; ".join(sorted({"/".join(map(str, row_key(b))) for b in baseline["results"]})) or "none"
+        raise InputFileError(f"the baseline does not fit this run: no baseline row matches (variant/input "
+                             f"size/batch/precision/runtime/form) {wanted}; the baseline has {have}")
     verdict = "no verdict" if not same_machine else "regressed" if regressed else "ok"
     for w in warnings:
         log.warning("%s", w)

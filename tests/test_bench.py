@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from mixformer_deploy.bench import Policy, Subject, benchmark_subjects, latency_stats, plan, throughput
 from mixformer_deploy.cli.app import _load_commands, app
 from mixformer_deploy.errors import UsageError
+from mixformer_deploy.errors import InputFileError
 from mixformer_deploy.regression import bootstrap_ratio, compare, parse_threshold
 from mixformer_deploy.reports.bench_json import SCHEMA, fingerprint, validate
 
@@ -91,6 +92,21 @@ def test_gate_is_seeded_and_other_machine_gives_no_verdict():
     assert bootstrap_ratio(a, b, seed=7) == bootstrap_ratio(a, b, seed=7)
     reg = compare(doc_with(a), doc_with(b, slug="another-box-8c-8t"), threshold=0.10)
     assert reg["verdict"] == "no verdict" and reg["warnings"] and reg["rows"][0]["status"] == "other machine"
+
+
+def test_rounds_are_resampled_whole_and_a_baseline_that_does_not_fit_is_exit_4():
+    # 20 rounds of 15 back-to-back samples, each round shifted as a whole: the block interval is wider
+    rng = np.random.default_rng(5)
+    shifts = np.repeat(rng.normal(0, 1.0, 20), 15)
+    a, b = draw(6) + shifts, draw(7) + np.repeat(rng.normal(0, 1.0, 20), 15)
+    plain = bootstrap_ratio(a, b)
+    blocks = bootstrap_ratio(a, b, new_rounds=[15] * 20, old_rounds=[15] * 20)
+    assert blocks["blocks"] == "rounds" and plain["blocks"] == "samples"
+    assert blocks["high"] - blocks["low"] > 1.5 * (plain["high"] - plain["low"])
+    other = doc_with(draw(8))
+    other["results"][0]["variant"] = "B4"
+    with pytest.raises(InputFileError, match="B1.*B4|does not fit"):
+        compare(doc_with(draw(9)), other, threshold=0.1)
 
 
 def test_plan_skips_fixed_batch_and_nothing_runnable_is_usage_error():
