@@ -152,9 +152,9 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
         write_json_atomic(sidecar_path(tmp), manifest)
         if check:
             from .parity import check_parity
-            with _converter_rejects():
+            with _converter_rejects(tmp.name, final.name):
                 result.parity = check_parity(tmp, weights_model=source, inputs=inputs, accuracy_set=accuracy_set,
-                                             max_accuracy_drop=max_accuracy_drop)
+                                             max_accuracy_drop=max_accuracy_drop, display_name=final.name)
             manifest["parity"] = result.parity.summary()
         if not result.passed:
             result.path = final = final.with_name(final.name + ".failed")
@@ -173,12 +173,13 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
 
 
 @contextmanager
-def _converter_rejects():
-    """A runtime that rejects what was just exported is the converter's failure (exit 5), not a bad input."""
+def _converter_rejects(tmp_name: str, final_name: str):
+    """A runtime that rejects what was just exported is the converter's failure (exit 5), not a bad input.
+    The message names the artifact by its final name, never the temporary one."""
     try:
         yield
     except ArtifactError as e:
-        raise ExportError(f"the freshly exported artifact was rejected: {e}") from e
+        raise ExportError(f"the freshly exported artifact was rejected: {str(e).replace(tmp_name, final_name)}") from e
 
 
 def _to_deploy(model: MixFormer, h: int, w: int):

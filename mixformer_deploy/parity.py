@@ -482,7 +482,8 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
                  atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
                  runtime: str = "auto", device: str = "cpu", batch_size: int = 16,
                  random_count: int = RANDOM_COUNT, weights_model=None, runtime_options: dict | None = None,
-                 accuracy_set: str | Path | None = None, max_accuracy_drop: str | None = None) -> ParityReport:
+                 accuracy_set: str | Path | None = None, max_accuracy_drop: str | None = None,
+                 display_name: str | None = None) -> ParityReport:
     """Compare ``artifact`` with PyTorch eager float32 of its reference weights.
 
     ``weights``: a weights file; ``weights_model``: an already loaded reference instead (a MixFormer, or
@@ -525,7 +526,7 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     reference = TorchRunner(ref.model)
     runner = open_runner(artifact, runtime, device, options=runtime_options)
     try:
-        log.info("parity of %s (%s) against %s on %s", artifact.name, runner.key, ref.path or "seeded weights",
+        log.info("parity of %s (%s) against %s on %s", display_name or artifact.name, runner.key, ref.path or "seeded weights",
                  ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
         outs = {s.name: (run_batched(runner, s.x, batch, batch_size), run_batched(reference, s.x, None, batch_size))
                 for s in sets}

@@ -176,15 +176,17 @@ def test_report_markdown_and_html(bench_run):
     other = json.loads((out / "r.json").read_text())
     other["machine"]["slug"] = "another-box-8c-8t"
     (out / "other.json").write_text(json.dumps(other))
-    for name in ("report.md", "report.html"):
-        r = invoke("report", out / "r.json", out / "r.json", out / "other.json", "--output", out / "rep" / name)
+    for folder, name in (("rep", "report.md"), ("rep-html", "report.html")):
+        r = invoke("report", out / "r.json", out / "r.json", out / "other.json", "--output", out / folder / name)
         assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
-        assert r.stdout.strip().splitlines()[-1] == str(out / "rep" / name)
-        text = (out / "rep" / name).read_text()
-        stem = name.split(".")[0]
-        for png in ("latency", "batch", "speedup"):
-            p = out / "rep" / f"{stem}-{png}.png"
-            assert p.stat().st_size > 0 and p.name in text
+        assert r.stdout.strip().splitlines()[-1] == str(out / folder / name)
+    text = (out / "rep" / "report.md").read_text()
+    for png in ("latency", "batch", "speedup"):
+        p = out / "rep" / f"report-{png}.png"
+        assert p.stat().st_size > 0 and p.name in text
+    assert [p.name for p in (out / "rep-html").iterdir()] == ["report.html"], "HTML is one self-contained file"
+    html = (out / "rep-html" / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 3 and "<em>speed-up</em>" in html and "*speed-up*" not in html
     md = (out / "rep" / "report.md").read_text()
     assert md.count("\n## ") == 2 and "## another-box-8c-8t" in md and "| p50 ms |" in md
 

@@ -131,8 +131,8 @@ def test_convert_weights_round_trip(tmp_path):
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == str(out)
-    assert lines[0].startswith("inferred: custom (embed_dim 16")
-    summary = json.loads("\n".join(lines[1:-1]))
+    assert "inferred: custom (embed_dim 16" in r.stderr, "informational lines go to stderr"
+    summary = json.loads("\n".join(lines[:-1]))
     assert summary["source_sha256"] == sha256_file(FIXTURE) and summary["source_format"] == "paddle"
     assert summary["sha256"] == sha256_file(out) and summary["variant"] == "custom"
 

@@ -72,7 +72,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
+_state = {"debug": False, "quiet": False}
 
 
 def _version(value: bool):
@@ -87,7 +87,7 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ):
-    _state["debug"] = debug
+    _state["debug"], _state["quiet"] = debug, quiet
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch", "onnxslim", "matplotlib", "PIL"):
@@ -105,6 +105,11 @@ def quiet_logger(name: str):
         yield
     finally:
         lg.setLevel(old)
+
+
+def quiet() -> bool:
+    """--quiet: only warnings and errors on stderr (summaries a command prints there are held back)."""
+    return bool(_state["quiet"])
 
 
 def show_progress() -> bool:

@@ -14,7 +14,7 @@ import typer
 from ..errors import ParityError
 from ..targets import keys as target_keys
 from ..targets import option_owners
-from .app import app, show_progress
+from .app import app, quiet, show_progress
 
 GENERIC = "Export"
 TARGET_PANEL = "Target options"
@@ -61,13 +61,13 @@ def export_cmd(
         default_keeps=pick(default_keeps, "default_keeps", True), calibration=pick(calibration, "calibration", None),
         calibration_size=pick(calibration_size, "calibration_size", 300), target_options=given_target_opts,
         accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop)
-    if show_progress():
+    if show_progress() and not quiet():
         from rich.console import Console
         with Console(stderr=True).status("exporting and checking..."):
             result = export(**kwargs)
     else:
         result = export(**kwargs)
-    if result.parity is not None and not as_json:
+    if result.parity is not None and not as_json and not quiet():
         from rich.console import Console
 
         from .parity_cmd import print_report

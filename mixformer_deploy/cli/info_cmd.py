@@ -312,7 +312,7 @@ def convert_weights(
     and the source's sha256 and format. Prints that summary as JSON; the last line is the output path."""
     summary = convert_weights_file(src, out, variant, num_classes, img_size)
     if summary["inferred"]:
-        typer.echo(f"inferred: {summary['description']}")
+        log.info("inferred: %s", summary["description"])  # stderr: stdout stays parseable JSON + the path
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(summary["output"])
     sys.stdout.flush()

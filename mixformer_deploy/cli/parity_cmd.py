@@ -174,6 +174,10 @@ def classify(source: Path, images: list[Path], runtime: str, device: str, top: i
     height, width = (int(v) for v in manifest["input_size"])
     prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
     labels = manifest.get("labels")
+    if manifest.get("seed") is not None and not (manifest.get("weights") or {}).get("sha256"):
+        import logging
+        logging.getLogger(__name__).warning(
+            "this artifact holds seeded random weights (seed %s): its predictions mean nothing", manifest["seed"])
     x = np.stack([data.preprocess(data.read_image(p), height, width, prep) for p in images])
     with quiet_logger("mixformer_deploy.checkpoints"):  # already reported by artifact_manifest
         runner = open_runner(source, runtime, device, options=options)

@@ -9,22 +9,27 @@ from ..errors import UsageError
 
 
 def write_bench_report(docs: list[dict], output: str | Path) -> tuple[Path, dict[str, Path]]:
-    """One Markdown (.md) or HTML (.html) report of benchmark results, with its PNG plots written beside it
-    as ``<stem>-latency.png`` etc. Returns the report's path and the plots' paths."""
+    """One Markdown (.md) report with its PNG plots written beside it (``<stem>-latency.png`` etc.), or one
+    self-contained HTML (.html) file with the plots embedded as data. Returns the report's path and the
+    paths of the plot files written (none for HTML)."""
+    import tempfile
+
+    from .plots import report_plots
+
     output = Path(output)
     suffix = output.suffix.lower()
     if suffix not in (".md", ".html", ".htm"):
         raise UsageError(f"--output {output.name}: the report is Markdown (.md) or HTML (.html)")
-    from .plots import report_plots
-    plots = report_plots(docs, output.parent, output.stem)
-    relative = {caption: p.name for caption, p in plots.items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".md":
         from .markdown import bench_markdown
-        text = bench_markdown(docs, relative)
+        plots = report_plots(docs, output.parent, output.stem)
+        text = bench_markdown(docs, {caption: p.name for caption, p in plots.items()})
     else:
         from .html import bench_html
-        text = bench_html(docs, relative)
-    output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as work:
+            text = bench_html(docs, report_plots(docs, Path(work), output.stem))
+        plots = {}
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(text)
     tmp.replace(output)

@@ -1,9 +1,12 @@
-"""Benchmark results as one self-contained-looking HTML page (plots are PNG files beside it), from the same
-sections as the Markdown report."""
+"""Benchmark results as one self-contained HTML page (plots embedded as PNG data), from the same sections as
+the Markdown report, its text rendered as HTML (not literal Markdown)."""
 
 from __future__ import annotations
 
+import base64
+import re
 from html import escape
+from pathlib import Path
 
 from .markdown import INTRO, sections
 
@@ -13,16 +16,23 @@ STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
          "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}")
 
 
+def _inline(text: str) -> str:
+    """The little Markdown our texts use (*emphasis*, `code`) as HTML; everything else escaped."""
+    html = escape(str(text))
+    html = re.sub(r"`([^`]+)`", r"<code>\1</code>", html)
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", html)
+
+
 def _table(headers, rows) -> str:
     head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(secs: list[dict], plots: dict[str, str] | None = None,
+def render_html(secs: list[dict], plots: dict[str, Path] | None = None,
                 title: str = "MixFormer latency report") -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1><p>{escape(INTRO)}</p>"]
+             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1><p>{_inline(INTRO)}</p>"]
     for s in secs:
         parts.append(f"<h2>{escape(s['title'])}</h2>")
         parts.append(_table(["", ""], s["facts"]))
@@ -32,15 +42,16 @@ def render_html(secs: list[dict], plots: dict[str, str] | None = None,
             parts.append(f"<h3>Regression gate: {escape(r['verdict'])} (threshold "
                          f"+{r['threshold'] * 100:.3g}%, baseline {escape(r['baseline'])})</h3>")
             parts.append(_table(*r["table"]))
-            parts += [f"<p>{escape(m)}</p>" for m in r["messages"]]
+            parts += [f"<p>{_inline(m)}</p>" for m in r["messages"]]
         if s["notes"]:
-            parts.append("<p>Warnings:</p><ul>" + "".join(f"<li>{escape(n)}</li>" for n in s["notes"]) + "</ul>")
+            parts.append("<p>Warnings:</p><ul>" + "".join(f"<li>{_inline(n)}</li>" for n in s["notes"]) + "</ul>")
     for caption, path in (plots or {}).items():
-        parts.append(f"<figure><img src='{escape(path)}' alt='{escape(caption)}'>"
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{escape(caption)}'>"
                      f"<figcaption>{escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def bench_html(docs: list[dict], plots: dict[str, str] | None = None) -> str:
+def bench_html(docs: list[dict], plots: dict[str, Path] | None = None) -> str:
     return render_html(sections(docs), plots)
