@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,28 @@ def test_a_pass_with_nothing_to_rewrite_raises(official_tiny):
 def test_input_side_must_be_a_multiple_of_32(official_tiny):
     with pytest.raises(UsageError, match="multiple of 32"):
         to_deploy(official_tiny, (224, 200))
+
+
+LEGAL_SIZES = [(s, s) for s in range(32, 513, 32)] + [(32, 512), (512, 32), (96, 160), (224, 288), (480, 64),
+                                                    (64, 480), (160, 352), (288, 96)]
+
+
+@pytest.mark.parametrize("size", LEGAL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_legal_size_matches_the_reference(size):
+    from mixformer_deploy.model import create_model
+
+    model = create_model("custom", num_classes=10, seed=3, embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_l2(to_deploy(model, size)(x), model(x)) <= TOL
+
+
+def test_a_rewrite_that_changes_the_function_stops_the_export(tmp_path, monkeypatch):
+    from mixformer_deploy import export_api
+    from mixformer_deploy.errors import RewriteError
+
+    monkeypatch.setattr(export_api, "rewrite_error", lambda *a: 3e-4)
+    with pytest.raises(RewriteError) as e:
+        export_api.export(Path(__file__).parent / "data" / "tiny.pdparams", img_size=64, output=tmp_path, check=False)
+    assert e.value.exit_code == 5 and "0.0003" in str(e.value)
+    assert not list(tmp_path.iterdir())
