@@ -16,6 +16,33 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
+def ort_cpu_precisions(path: str) -> dict:
+    """What onnxruntime's CPU provider actually computes an fp16 graph in: the optimized graph it runs,
+    each op counted by the type of its inputs (fp16 or fp32), Casts apart."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as work:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = f"{work}/optimized.onnx"
+        so.log_severity_level = 3
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        m = onnx.shape_inference.infer_shapes(onnx.load(so.optimized_model_filepath))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]}
+    types.update({t.name: t.data_type for t in m.graph.initializer})
+    count: Counter = Counter()
+    for n in m.graph.node:
+        ins = {types.get(i) for i in n.input if i}
+        kind = "cast" if n.op_type == "Cast" else "fp16" if onnx.TensorProto.FLOAT16 in ins else "fp32"
+        count[(kind, n.op_type)] += 1
+    return {kind: dict(sorted(((op, c) for (k, op), c in count.items() if k == kind), key=lambda x: -x[1]))
+            for kind in ("fp16", "fp32", "cast")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="B1")
@@ -45,6 +72,7 @@ def main() -> None:
     for v in rows.values():
         v["p50_ms"] = next(r["latency_ms"]["p50"] for r in doc["results"] if r["artifact"] == Path(v["path"]).name)
     doc["fp16_keeps"] = rows
+    doc["ort_cpu_fp16_graph_runs_in"] = ort_cpu_precisions(rows["fp16 + default keeps"]["path"])
     slug = doc["machine"]["slug"]
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"onnx-fp16-keeps-{slug}.json", doc)
@@ -58,6 +86,9 @@ def main() -> None:
         lines.append(f"| {label} | {v['kept_modules']} | {v['max_abs']:.3g} | {v['rel_l2']:.3g} | {v['min_cosine']:.6f} "
                      f"| {100 * v['top1_agreement']:.0f}% | {'pass' if v['passed'] else 'FAIL'} | {v['p50_ms']:.2f} "
                      f"| {fp32 / v['p50_ms']:.2f}x |")
+    runs = doc["ort_cpu_fp16_graph_runs_in"]
+    lines += ["", "What onnxruntime's CPU provider computes the fp16 graph in (its optimized graph, ops by input type):",
+              f"fp16: {runs['fp16']}", f"fp32: {runs['fp32']}", f"Casts: {sum(runs['cast'].values())}"]
     (args.out / f"onnx-fp16-keeps-{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
