@@ -84,6 +84,7 @@ class ExportResult:
     path: Path
     manifest: dict
     parity: object | None = None
+    after: object | None = None   # the target's after-publish step (TensorRT: trtexec line, engine, what is missing)
 
     @property
     def passed(self) -> bool:
@@ -95,14 +96,16 @@ class ExportResult:
 
 def export(weights: str | Path | None = None, target: str = "onnx", variant: str | None = None,
            img_size: str | int | None = None, batch: str | int | None = 1, precision: str = "fp32",
-           output: str | Path | None = None, check: bool = True, num_classes: int | None = None,
+           output: str | Path | None = None, check: bool | None = None, num_classes: int | None = None,
            inputs: tuple[str, ...] | None = None, keep_fp32: tuple[str, ...] = (), default_keeps: bool = True,
            calibration: str | Path | None = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
            target_options: dict | None = None, accuracy_set: str | Path | None = None,
            max_accuracy_drop: str | None = None) -> ExportResult:
     """Export weights to a target's artifact and (unless check=False) gate it on parity and accuracy.
 
-    Options are checked before any weights are read. The deploy form gates itself: a rewrite error above
+    ``check``: None (the default) runs the parity gate where the target's runtime can run here, and
+    otherwise records in the manifest why it was not run (Core ML on Linux); True insists (exit 3 where it
+    cannot run); False skips it. Options are checked before any weights are read. The deploy form gates itself: a rewrite error above
     REWRITE_MAX_REL_L2 on real photos is an ExportError (exit 5)."""
     from .calibration import load_calibration
     from .deploy.precision import resolve_keeps
@@ -140,6 +143,13 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
                                        "modules": options.keeps}
     if options.calibration is not None:
         manifest["calibration"] = options.calibration.record
+    if check is None:
+        from .runtimes import runner_class
+        status = runner_class(tgt.runtime).status()
+        check = bool(status.get("can_run"))
+        if not check:
+            log.warning("parity not checked here: %s", status.get("note") or f"{tgt.runtime} cannot run here")
+            manifest["parity"] = {"status": "not run", "reason": status.get("note")}
     name = artifact_name(source.model.cfg.name, h, w, n, precision, tgt.suffix)
     final = output_path(output, name, tgt.suffix)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +179,8 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
         stale = final.with_name(final.name + ".failed")
         remove(stale)
         sidecar_path(stale).unlink(missing_ok=True)
+    if result.passed and hasattr(tgt, "after_publish"):
+        result.after = tgt.after_publish(final, options)
     return result
 
 

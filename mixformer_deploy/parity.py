@@ -55,7 +55,7 @@ def checkpoint_manifest(path: str | Path) -> dict:
 def artifact_manifest(path: str | Path) -> dict:
     """The manifest of an exported artifact, or the one a checkpoint's metadata implies."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"artifact not found: {path}")
     if is_checkpoint(path):
         return checkpoint_manifest(path)
@@ -503,6 +503,13 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     start = time.perf_counter()
     artifact = Path(artifact)
     manifest = artifact_manifest(artifact)
+    from .runtimes import runner_class, runtime_for
+    runner_cls = runner_class(runtime_for(artifact) if runtime in (None, "auto") else runtime)
+    runtime_options = runner_cls.check_options(runtime_options)  # a usage error before any weights are read
+    status = runner_cls.status()
+    if not status.get("can_run", True):  # e.g. Core ML on Linux: say so before resolving weights
+        from .errors import MissingBackendError
+        raise MissingBackendError(status.get("reason") or status.get("note") or f"the {runner_cls.key} runtime cannot run here")
     warnings: list[str] = []
     ref = (given_reference(weights_model, manifest) if weights_model is not None
            else resolve_reference(artifact, manifest, weights, warnings))

@@ -2,7 +2,7 @@
 
 Why: TensorRT is not installable everywhere (its libraries come from NVIDIA's index, and it needs a GPU),
 but the ONNX it will compile can be checked anywhere. The rules come from NVIDIA's published operator
-support matrix (onnx-tensorrt ``docs/operators.md``), kept as data in ``data/trt_onnx_support.json``
+support matrix (onnx-tensorrt ``docs/operators.md``), kept as data in ``resources/trt_onnx_support.json``
 with its source and version, plus TensorRT's explicit-quantization placement rules:
 
 - operators: unsupported or unknown to the matrix, custom-domain ops (they would need a plugin);
@@ -81,7 +81,7 @@ class LintReport:
 @lru_cache(maxsize=1)
 def support_data() -> dict:
     """The operator support matrix shipped with the package (see its ``source`` field)."""
-    text = resources.files("mixformer_deploy").joinpath("data", "trt_onnx_support.json").read_text()
+    text = resources.files("mixformer_deploy").joinpath("resources", "trt_onnx_support.json").read_text()
     return json.loads(text)
 
 

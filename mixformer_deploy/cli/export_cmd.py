@@ -35,7 +35,7 @@ def export_cmd(
     max_accuracy_drop: Annotated[Optional[str], typer.Option("--max-accuracy-drop", help="Extra misclassified images allowed: N or P% (default by precision).", rich_help_panel=GENERIC)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory (default ./artifacts/) or a path with the target's suffix.", rich_help_panel=GENERIC)] = None,
     profile: Annotated[Optional[str], typer.Option(help="Export profile: a name under export/ (e.g. onnx-fp16) or a TOML path; options override it.", rich_help_panel=GENERIC)] = None,
-    check: Annotated[Optional[bool], typer.Option("--check/--no-check", help="Run the parity gate after export (exit 1 on failure).", rich_help_panel=GENERIC)] = None,
+    check: Annotated[Optional[bool], typer.Option("--check/--no-check", help="Run the parity gate after export (exit 1 on failure). Default: where the target's runtime runs here.", rich_help_panel=GENERIC)] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes, for --variant without --weights (default 1000).", rich_help_panel=GENERIC)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON result instead of the path.", rich_help_panel=GENERIC)] = False,
     **target_opts,
@@ -56,7 +56,7 @@ def export_cmd(
     kwargs = dict(
         weights=weights, target=pick(target, "target", "onnx"), variant=variant,
         img_size=pick(img_size, "img_size", None), batch=pick(batch, "batch", 1),
-        precision=pick(precision, "precision", "fp32"), output=output, check=pick(check, "check", True),
+        precision=pick(precision, "precision", "fp32"), output=output, check=pick(check, "check", None),
         num_classes=num_classes, keep_fp32=tuple(keep_fp32 or prof.get("keep_fp32", ())),
         default_keeps=pick(default_keeps, "default_keeps", True), calibration=pick(calibration, "calibration", None),
         calibration_size=pick(calibration_size, "calibration_size", 300), target_options=given_target_opts,
@@ -72,12 +72,20 @@ def export_cmd(
 
         from .parity_cmd import print_report
         print_report(result.parity, Console(stderr=True))
+    after = result.after
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "parity": result.parity.to_dict() if result.parity else None}, indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "parity": result.parity.to_dict() if result.parity else None,
+                               "after": None if after is None else {
+                                   "lines": after.lines, "path": str(after.path) if after.path else None,
+                                   "error": str(after.error) if after.error else None}}, indent=2))
     else:
-        typer.echo(str(result.path))
+        for line in (after.lines if after is not None else []):
+            typer.echo(line)
+        typer.echo(str(after.path if after is not None and after.path else result.path))
     if not result.passed:
         raise ParityError(f"artifact failed parity; kept for inspection as {result.path}")
+    if after is not None and after.error is not None:
+        raise after.error
 
 
 def _with_target_options(func):

@@ -57,7 +57,7 @@ def runtime_for(artifact: str | Path) -> str:
         if not artifact.exists():
             raise ArtifactError(f"artifact not found: {artifact}")
         raise ArtifactError(f"{artifact.name}: not an artifact any target writes (no manifest, unknown suffix)")
-    return target.runtime
+    return target.runtime_for(artifact)
 
 
 def open_runner(artifact: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None,

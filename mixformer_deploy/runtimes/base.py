@@ -22,6 +22,7 @@ class Runner(ABC):
     dists: tuple[str, ...] = ()      # pip distributions that provide it (first installed wins)
     extra: str = ""                  # the extra that installs it
     option_help: dict[str, str] = {}  # runtime option key -> what it does (values are strings)
+    option_choices: dict[str, tuple[str, ...]] = {}  # keys whose values are one of a few words
     device: str = "cpu"    # where it runs, e.g. "cpu", "cuda:0"
     precision: str = "fp32"
     threads: int | None = None
@@ -40,6 +41,10 @@ class Runner(ABC):
         if unknown:
             takes = ", ".join(cls.option_help) or "none"
             raise UsageError(f"the {cls.key} runtime takes no option {', '.join(unknown)} (it takes: {takes})")
+        for key, value in options.items():
+            choices = cls.option_choices.get(key)
+            if choices and value not in choices:
+                raise UsageError(f"bad {cls.key} runtime option {key}={value!r}: choose one of {', '.join(choices)}")
         return options
 
     @classmethod

@@ -34,6 +34,7 @@ class CoreMlRunner(Runner):
     key = "coreml"
     dists = ("coremltools",)
     extra = "coreml"
+    option_choices = {"compute_units": tuple(COMPUTE_UNITS)}
     option_help = {"compute_units": "all (default with --device auto), cpu_only (default with --device cpu), "
                                     "cpu_and_gpu or cpu_and_ne (CPU + Neural Engine)"}
 
@@ -70,6 +71,9 @@ class CoreMlRunner(Runner):
     @classmethod
     def load(cls, artifact, device="auto", threads=None, options=None) -> "CoreMlRunner":
         options = cls.check_options(options)
+        device = device or "auto"
+        if device.startswith("coreml:"):  # how benchmarks label a compute-unit choice: coreml:cpu_and_ne
+            device, options = "auto", {"compute_units": device.split(":", 1)[1], **options}
         if device not in ("auto", "cpu"):
             raise UsageError(f"Core ML picks its own processors: use --device auto or cpu and "
                              f"--runtime-option compute_units=..., not --device {device}")
@@ -89,7 +93,7 @@ class CoreMlRunner(Runner):
                     "note": 'not installed: pip install "mixformer-deploy[coreml]"'}
         if not can_predict():
             return {"installed": True, "package": "coremltools", "version": v, "can_run": False, "devices": [],
-                    "note": f"conversion only on {platform.system()}: {NEEDS_MACOS}"}
+                    "note": f"conversion only on {platform.system()}: {NEEDS_MACOS}", "reason": NEEDS_MACOS}
         return {"installed": True, "package": "coremltools", "version": v, "can_run": True,
                 "devices": [f"coreml:{u}" for u in COMPUTE_UNITS], "note": ""}
 
@@ -164,7 +168,7 @@ def _slice(x, begin, end, stride, begin_mask, end_mask, squeeze_mask):
 def _op(op, v):
     """One MIL op on float32 numpy values (the result is cast to the op's own output dtype by the caller)."""
     t = op.op_type
-    a = lambda name: v(name)  # noqa: E731
+    a = v
     if t in ("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"):
         f = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "maximum": np.maximum,
              "minimum": np.minimum, "pow": np.power}[t]
@@ -239,57 +243,71 @@ def _op(op, v):
     raise NotImplementedError(f"the numpy MIL reference has no {t!r} op")
 
 
-_NP = {"fp16": np.float16, "fp32": np.float32}
+class MilReference:
+    """The plain form's logits by evaluating the package's ML program op by op in numpy (weights read
+    from its weight file; each fp16 op's result rounded to float16, its arithmetic done in float32). A
+    check of the conversion on machines without Core ML, not a Core ML prediction."""
+
+    def __init__(self, package: str | Path):
+        from ..targets.coreml import INPUT, LOGITS, coremltools, read_spec, spec_path
+
+        coremltools()
+        from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+        self.path = Path(package)
+        spec = read_spec(self.path)
+        names_in = [d.name for d in spec.description.input]
+        names_out = [d.name for d in spec.description.output]
+        if names_in[:1] != [INPUT] or names_out[:1] != [LOGITS]:
+            raise UsageError(f"{self.path.name}: the numpy reference evaluates the plain form only")
+        first = spec.description.input[0].type.multiArrayType
+        self.fixed_batch = None if first.HasField("shapeRange") else int(first.shape[0])
+        try:
+            program = load_program(spec, spec.specificationVersion,
+                                   file_weights_dir=str(spec_path(self.path).parent / "weights"))
+        except Exception as e:
+            raise ArtifactError(f"{self.path.name}: cannot read its ML program ({one_line(e, 200)})") from e
+        self.fn = program.functions["main"]
+        self.input = self.fn.inputs[INPUT]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        step = self.fixed_batch or len(x)
+        return np.concatenate([self._run(x[i:i + step]) for i in range(0, len(x), step)])
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        from coremltools.converters.mil.mil import types
+
+        env: dict = {}
+
+        def value(var):
+            if var is None:
+                return None
+            if isinstance(var, (list, tuple)):
+                return [value(v) for v in var]
+            if var.name in env:
+                return env[var.name]
+            if var.val is not None:
+                return _f32(var.val) if isinstance(var.val, np.ndarray) else var.val
+            raise ArtifactError(f"{self.path.name}: value {var.name} is used before it is computed")
+
+        env[self.input.name] = _round(x, types.builtin_to_string(self.input.dtype))
+        for op in self.fn.operations:
+            if op.op_type == "const":
+                continue
+            result = _op(op, lambda name: value(op.inputs.get(name)))
+            for var, r in zip(op.outputs, result if isinstance(result, tuple) else (result,)):
+                env[var.name] = _round(np.asarray(r), types.builtin_to_string(var.dtype))
+        return np.asarray(env[self.fn.outputs[0].name], dtype=np.float32)
+
+
+def _round(x: np.ndarray, dtype: str | None) -> np.ndarray:
+    """A value as the program types it: fp16 values are rounded to float16 (held as float32)."""
+    if dtype == "fp16":
+        return x.astype(np.float16).astype(np.float32)
+    return x.astype(np.float32) if dtype == "fp32" else x
 
 
 def mil_reference(package: str | Path, batch: np.ndarray) -> np.ndarray:
-    """The plain form's logits for ``batch`` by evaluating the package's ML program op by op in numpy
-    (weights read from its weight file; fp16 ops' results rounded to float16). A check of the conversion
-    on machines without Core ML, not a Core ML prediction."""
-    from ..targets.coreml import INPUT, LOGITS, coremltools, read_spec, spec_path
-
-    coremltools()
-    from coremltools.converters.mil.frontend.milproto.load import load as load_program
-    from coremltools.converters.mil.mil import types
-
-    package = Path(package)
-    spec = read_spec(package)
-    names_in = [d.name for d in spec.description.input]
-    names_out = [d.name for d in spec.description.output]
-    if names_in[:1] != [INPUT] or names_out[:1] != [LOGITS]:
-        raise UsageError(f"{package.name}: the numpy reference evaluates the plain form only")
-    try:
-        program = load_program(spec, spec.specificationVersion, file_weights_dir=str(spec_path(package).parent /
-                                                                                      "weights"))
-    except Exception as e:
-        raise ArtifactError(f"{package.name}: cannot read its ML program ({one_line(e, 200)})") from e
-    fn = program.functions["main"]
-    env: dict = {}
-
-    def value(var):
-        if var is None:
-            return None
-        if isinstance(var, (list, tuple)):
-            return [value(x) for x in var]
-        if var.name in env:
-            return env[var.name]
-        if var.val is not None:
-            val = var.val
-            return _f32(val) if isinstance(val, np.ndarray) and val.dtype.kind == "f" else val
-        raise ArtifactError(f"{package.name}: value {var.name} is used before it is computed")
-
-    x = np.ascontiguousarray(batch, dtype=np.float32)
-    inp = fn.inputs[INPUT]
-    env[inp.name] = x.astype(np.float16) if types.builtin_to_string(inp.dtype) == "fp16" else x
-    for op in fn.operations:
-        if op.op_type == "const":
-            continue
-        result = _op(op, lambda name: value(op.inputs.get(name)))
-        results = result if isinstance(result, tuple) else (result,)
-        for out_var, r in zip(op.outputs, results):
-            dt = types.builtin_to_string(out_var.dtype) if types.is_tensor(out_var.sym_type) or \
-                types.is_scalar(out_var.sym_type) else None
-            r = np.asarray(r)
-            env[out_var.name] = r.astype(_NP[dt]).astype(np.float32) if dt in _NP else r
-    out = fn.outputs[0]
-    return np.asarray(env[out.name], dtype=np.float32)
+    """``MilReference(package).run(batch)``: the ML program evaluated in numpy (not Core ML)."""
+    return MilReference(package).run(batch)

@@ -134,5 +134,9 @@ class Target(ABC):
         return {"installed": bool(version), "package": dist, "version": version, "can_export": bool(version),
                 "note": note}
 
+    def runtime_for(self, path: Path) -> str:
+        """The runtime that runs one of this target's artifacts (a target with two artifact kinds overrides)."""
+        return self.runtime
+
     def tolerance(self, precision: str) -> Tolerance:
         return self.tolerances.get(precision, Tolerance())

@@ -95,17 +95,20 @@ def deployment_target(name: str) -> str:
 
 
 def coremltools():
-    """Import coremltools quietly: on Linux it logs that its native runtime (macOS only) is missing, and it
-    warns about untested torch/scikit-learn versions at every import; neither is news to our users."""
+    """Import coremltools quietly: on Linux it logs that its native runtime (macOS only) is missing, it
+    warns about untested torch/scikit-learn versions, and torchao (which it imports) about its CUDA
+    kernels; none of it is news to our users."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ct_logger = logging.getLogger("coremltools")
-        level = ct_logger.level
-        ct_logger.setLevel(logging.ERROR)
+        loggers = [logging.getLogger(n) for n in ("coremltools", "torchao", "torch.utils._pytree")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:  # torchao (imported by coremltools) logs its missing CUDA kernels
+            lg.setLevel(logging.ERROR)
         try:
             return require("coremltools", "coreml")
         finally:
-            ct_logger.setLevel(level)
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 @contextlib.contextmanager
