@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
 from .base import Runner
+from .cuda_graphs import CudaGraphed
 
 log = logging.getLogger(__name__)
 TRUE, FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -83,39 +84,6 @@ def check_package_device(path: Path, facts: dict, device: str) -> str:
     return device
 
 
-class CudaGraphed:
-    """Replays ``fn`` from CUDA graphs, one per input shape (a graph replays one static shape): the input
-    is copied into the graph's static buffer, the graph replayed, and its static output returned (valid
-    until the next call). Capture follows PyTorch's recipe: a few warm-up calls on a side stream first.
-    Used by the AOTInductor runner and by the GPU check for the eager deploy form."""
-
-    def __init__(self, fn, device: torch.device, warmup: int = 3):
-        self.fn, self.device, self.warmup = fn, device, warmup
-        self.graphs: dict[tuple, tuple] = {}
-
-    def _capture(self, x: torch.Tensor) -> tuple:
-        static_x = x.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.fn(static_x)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = self.fn(static_x)
-        return graph, static_x, static_y
-
-    def __call__(self, x: torch.Tensor):
-        key = (tuple(x.shape), x.dtype)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(x)
-        graph, static_x, static_y = self.graphs[key]
-        static_x.copy_(x)
-        graph.replay()
-        return static_y
-
-
 class AotiRunner(Runner):
     key = "aoti"
     dists = ("torch",)
@@ -124,13 +92,13 @@ class AotiRunner(Runner):
                                   "(CUDA only; default on for fixed-batch packages, off for dynamic ones)"}
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, options: dict | None = None):
-        from ..targets.aoti import AotiTarget, package_facts
+        from ..formats.pt2 import embedded_manifest, package_facts
 
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"artifact not found: {self.path}")
         facts = package_facts(self.path)
-        self.manifest = AotiTarget().read_embedded(self.path) or {}
+        self.manifest = embedded_manifest(self.path) or {}
         built_with = (self.manifest.get("versions") or {}).get("torch") or facts.get("mixformer_deploy.torch")
         if built_with and release(built_with) != release(torch.__version__):
             raise ArtifactError(f"{self.path.name} was compiled by torch {built_with}; this is torch "
@@ -169,14 +137,9 @@ class AotiRunner(Runner):
 
     @classmethod
     def status(cls, probe: bool = False) -> dict:
-        from ..targets.aoti import can_compile
-
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        why = can_compile() if probe else None
-        note = "runs .pt2 packages; " + ("export can compile here" if probe and why is None else
-                                         (f"export cannot compile here: {why}" if why else "export needs a C++ compiler"))
         return {"installed": True, "package": "torch", "version": torch.__version__, "can_run": True,
-                "devices": devices, "note": note}
+                "devices": devices, "note": "runs .pt2 packages"}
 
     def _check(self, x: np.ndarray) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -201,6 +164,12 @@ class AotiRunner(Runner):
                 self._graph_note = f"CUDA graph capture failed, running without: {one_line(e, 200)}"
                 log.warning("%s: %s", self.path.name, self._graph_note)
         return self._first(self.model(x))
+
+    @torch.no_grad()
+    def run_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 NCHW tensor already on the device -> logits on the device (no host copies; the GPU
+        check times this). With CUDA graphs the result is the graph's static output: copy it to keep it."""
+        return self._call(x)
 
     @staticmethod
     def _first(out):

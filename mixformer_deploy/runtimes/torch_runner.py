@@ -28,7 +28,9 @@ def resolve_device(device: str) -> torch.device:
 class TorchRunner(Runner):
     key = "torch"
     dists = ("torch",)
-    option_help = {"precision": "fp32 or fp16 (fp16 needs CUDA)", "form": "reference or deploy"}
+    option_help = {"precision": "fp32 or fp16 (fp16 needs CUDA)", "form": "reference or deploy",
+                   "cuda_graphs": "on|off: replay from CUDA graphs, one per input shape (CUDA only; default on)"}
+    option_choices = {"precision": ("fp32", "fp16"), "form": ("reference", "deploy"), "cuda_graphs": ("on", "off")}
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32",
                  deploy: bool = False, threads: int | None = None):
@@ -70,8 +72,10 @@ class TorchRunner(Runner):
         form = options.get("form", "reference")
         if form not in ("reference", "deploy"):
             raise UsageError(f"bad torch runtime option form={form!r}: reference or deploy")
-        return cls(load_checkpoint(Path(artifact)).model, device, options.get("precision", "fp32"), form == "deploy",
-                   threads)
+        runner = cls(load_checkpoint(Path(artifact)).model, device, options.get("precision", "fp32"),
+                     form == "deploy", threads)
+        runner.cuda_graphs = options.get("cuda_graphs", "on") == "on"
+        return runner
 
     def _model_for(self, h: int, w: int) -> torch.nn.Module:
         """The module to run at this size: the reference itself on CPU fp32, else a converted copy (the
@@ -88,10 +92,18 @@ class TorchRunner(Runner):
             self._models[key] = model.to(self._dev, self._dtype).eval()
         return self._models[key]
 
+    cuda_graphs = True   # on CUDA: replay static shapes from captured graphs (launch overhead gone)
+
     @torch.no_grad()
     def run(self, batch: np.ndarray) -> np.ndarray:
         model = self._model_for(*batch.shape[-2:])
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev, self._dtype)
+        if self._dev.type == "cuda" and self.cuda_graphs:
+            key = ("graph", *batch.shape[-2:])
+            if key not in self._models:
+                from .cuda_graphs import CudaGraphed
+                self._models[key] = CudaGraphed(lambda t, m=model: m(t).float(), self._dev)
+            return self._models[key](x).cpu().numpy()
         return model(x).float().cpu().numpy()
 
     @torch.no_grad()
@@ -105,4 +117,5 @@ class TorchRunner(Runner):
             torch.cuda.synchronize(self._dev)
 
     def describe(self) -> dict:
-        return {**super().describe(), "form": "deploy" if self.deploy else "reference"}
+        return {**super().describe(), "form": "deploy" if self.deploy else "reference",
+                "cuda_graphs": self._dev.type == "cuda" and self.cuda_graphs}

@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError, ExportError, MissingBackendError, UsageError, one_line
+from ..formats.pt2 import MANIFEST_FILE, archive_members, embedded_manifest, package_facts, read_member  # noqa: F401
 from .base import ExportOptions, Target, TargetOption, Tolerance
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "mixformer_deploy.manifest.json"   # under the archive's extra/ folder
 DEFAULT_MAX_BATCH = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TMP_NAME = re.compile(r"^\.(?P<final>.+)\.\d+\.partial(?:\.[^.]+)?$")
@@ -100,38 +100,6 @@ def log_path_for(out: Path) -> Path:
     """Where a failed compile's full log goes: beside the artifact, under its final name."""
     m = _TMP_NAME.match(out.name)
     return out.with_name((m.group("final") if m else out.name) + ".compile.log")
-
-
-def archive_members(path: Path) -> dict[str, str]:
-    """Short name (the part after the archive root) -> member name, for a .pt2 zip."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ArtifactError(f"{path.name}: not a readable .pt2 package ({type(e).__name__})") from e
-    return {n.split("/", 1)[1] if "/" in n else n: n for n in names}
-
-
-def read_member(path: Path, short: str) -> bytes | None:
-    members = archive_members(path)
-    if short not in members:
-        return None
-    with zipfile.ZipFile(path) as z:
-        return z.read(members[short])
-
-
-def package_facts(path: Path) -> dict:
-    """What the compiled model says about itself (no loading): device, platform, CPU ISA, GPU arch, and
-    the metadata we asked the compiler to embed."""
-    members = archive_members(path)
-    meta = [s for s in members if s.startswith("data/aotinductor/") and s.endswith("wrapper_metadata.json")]
-    if not meta:
-        raise ArtifactError(f"{path.name}: not an AOTInductor package (no compiled model inside)")
-    try:
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read(members[meta[0]]))
-    except (ValueError, zipfile.BadZipFile, OSError) as e:
-        raise ArtifactError(f"{path.name}: unreadable AOTInductor metadata ({type(e).__name__})") from e
 
 
 def _without_build_paths(files: list, staging: Path) -> list:
@@ -276,18 +244,14 @@ class AotiTarget(Target):
             where = ""
         raise ExportError(f"AOTInductor compile failed: {first_error_line(text)}{where}") from e
 
+    def status(self) -> dict:
+        """Export needs a C++ compiler and a linker (AOTInductor compiles C++ at export time)."""
+        why = can_compile()
+        return {"installed": True, "package": "torch", "version": torch.__version__, "can_export": why is None,
+                "note": "compiles here" if why is None else f"cannot compile here: {why}"}
+
     def read_embedded(self, path: Path) -> dict | None:
-        path = Path(path)
-        if not path.is_file():
-            return None
-        data = read_member(path, f"extra/{MANIFEST_FILE}")
-        if data is None:
-            return None
-        try:
-            m = json.loads(data)
-        except ValueError as e:
-            raise ArtifactError(f"{path.name}: corrupt embedded manifest ({type(e).__name__})") from e
-        return m if isinstance(m, dict) else None
+        return embedded_manifest(path)
 
     def inspect(self, path: Path) -> dict:
         path = Path(path)
@@ -316,15 +280,19 @@ class AotiTarget(Target):
             "inputs": [{"name": "input", "dtype": "fp32", "shape": [batch if isinstance(batch, int) else "batch", 3, h, w]}],
             "outputs": [{"name": "logits", "dtype": "fp32",
                          "shape": [batch if isinstance(batch, int) else "batch", manifest.get("num_classes")]}],
-            "ops": {"library_calls": dict(sorted(calls.items())), "fused_kernels": len(fused)},
-            "max_rank": None, "precisions": {manifest.get("precision", "?"): compile_settings.get("dtype")},
+            # a histogram like other targets': library calls by op, plus the kernels inductor generated
+            "ops": {**dict(sorted(calls.items())), "generated fused kernels": len(fused)},
+            "max_rank": None,
+            "precisions": {manifest.get("precision", "?"): sum(calls.values()) + len(fused)},
             "kept_fp32": (manifest.get("precision_keeps") or {}).get("modules", []),
             "compile": compile_settings, "torch": (manifest.get("versions") or {}).get("torch"),
             "embedded_metadata": {k: v for k, v in facts.items() if k.startswith("mixformer_deploy.")},
             "members": {s: infos[n].file_size for s, n in sorted(members.items())},
             "library_bytes": infos[so].file_size if so else None,
-            "manifest": {k: manifest.get(k) for k in ("variant", "input_size", "batch", "precision", "num_classes",
-                                                     "weights")},
+            "note": f"compiled for {facts.get('AOTI_DEVICE_KEY')} ({facts.get('AOTI_MACHINE')}"
+                    + (f", {facts.get('AOTI_CPU_ISA')}, -march=native: run it on this CPU family"
+                       if facts.get("AOTI_DEVICE_KEY") == "cpu" else
+                       f", compute capability {facts.get('AOTI_COMPUTE_CAPABILITY')}") + ")",
         }
 
 
