@@ -259,6 +259,8 @@ def _worker_main(conn, subject: Subject) -> None:
                 reply = _warm_up(runner, x, *args)
             elif cmd == "run":
                 reply = _time(runner, x, args[0], lead_in=args[0] > 1)
+                gpu = getattr(runner, "take_gpu_times", None)  # GPU compute time where the runner measures it
+                reply = (reply, gpu() if gpu else [])
             elif cmd == "memory":
                 reply = {"peak_rss_bytes": peak_rss_bytes(), "peak_device_memory_bytes": _device_peak()}
             else:
@@ -267,8 +269,9 @@ def _worker_main(conn, subject: Subject) -> None:
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception as e:  # noqa: BLE001 - every failure goes back to the parent as one typed line
-        name = type(e).__name__ if isinstance(e, MixformerDeployError) else "MixformerDeployError"
-        text = str(e) if isinstance(e, MixformerDeployError) else f"{type(e).__name__}: {e}"
+        name = type(e).__name__ if isinstance(e, MixformerDeployError) else "InternalError"
+        text = str(e) if isinstance(e, MixformerDeployError) else (f"internal error in the benchmark worker: "
+                                                                   f"{type(e).__name__}: {e} (rerun with --debug)")
         conn.send(("error", name, " ".join(text.split())[:500]))
     finally:
         if runner is not None:
@@ -422,6 +425,7 @@ def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Cal
         est[w] = float(np.median(warm)) if warm else 1e6
     samples: dict[_Worker, list[int]] = {w: [] for w in workers}
     rounds: dict[_Worker, list[int]] = {w: [] for w in workers}
+    gpu: dict[_Worker, list[float]] = {w: [] for w in workers}
     order = list(workers)
     while True:
         progress = min(_enough(samples[w], policy) for w in workers)
@@ -430,12 +434,13 @@ def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Cal
             break
         for w in order:
             k = max(1, min(100_000, int(policy.round_seconds * 1e9 / max(est[w], 1.0))))
-            times = w.call("run", k)
+            times, gpu_ms = w.call("run", k)
+            gpu[w] += gpu_ms
             samples[w] += times
             rounds[w].append(len(times))
             est[w] = float(np.median(times))
         order = order[1:] + order[:1]  # rotate, so no subject always runs right after the same one
-    return {w: (first[w], samples[w], rounds[w]) for w in workers}
+    return {w: (first[w], samples[w], rounds[w], gpu[w]) for w in workers}
 
 
 def _row(subject: Subject, index: int, info: dict, batch: int, first_ns: int, samples_ns: list[int],
@@ -544,9 +549,10 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
             measured = _measure_batch([workers[i] for i in group], batch, policy,
                                       lambda f, gi=gi, label=label: tick((gi + f) / len(groups), label))
             for i in group:
-                first, samples, round_sizes = measured[workers[i]]
+                first, samples, round_sizes, gpu_ms = measured[workers[i]]
                 row = _row(subjects[i], i, infos[i], batch, first, samples, workers[i].call("memory"), policy)
-                rows.append({**row, "round_sizes": round_sizes})
+                rows.append({**row, "round_sizes": round_sizes,
+                             "gpu_ms": latency_stats(gpu_ms) if gpu_ms else None})
         memory = {i: workers[i].call("memory") for i in used}
     finally:
         for w in workers.values():

@@ -43,6 +43,13 @@ class RewriteError(ExportError):
     """A deploy-form rewrite pass found nothing to rewrite or changed the function."""
 
 
+class InternalError(MixformerDeployError):
+    """A bug: an exception nobody meant to raise (e.g. inside a benchmark worker). Never exit 1, which CI
+    reads as "the artifact is wrong"."""
+
+    exit_code = 70
+
+
 class GateError(MixformerDeployError):
     """A gate (parity, accuracy, latency regression) failed."""
 

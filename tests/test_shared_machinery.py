@@ -252,3 +252,24 @@ def test_parity_bench_and_runners_never_import_exporters():
             "(m.startswith('mixformer_deploy.targets.') and m != 'mixformer_deploy.targets.base')]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_internal_error_is_exit_70_in_one_line_whatever_the_verbosity(monkeypatch):
+    from typer.testing import CliRunner
+
+    from mixformer_deploy import export_api
+    from mixformer_deploy.cli.app import _load_commands, app
+
+    _load_commands()
+
+    def boom(**kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(export_api, "export", boom)
+    for extra in ([], ["--debug"], ["--quiet"]):
+        r = CliRunner().invoke(app, ["export", *extra])
+        assert r.exit_code == 70, (extra, r.stderr)
+        assert r.stderr.strip().splitlines()[-1].startswith("error: internal error: KeyError") and "--debug" in r.stderr
+    r = CliRunner().invoke(app, ["export", "--bogus"])
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
+    assert "--help" in r.stderr
