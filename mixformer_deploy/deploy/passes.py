@@ -96,7 +96,10 @@ def precompute_relative_bias(model: nn.Module) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, WindowAttention) and isinstance(m.logits.rel_bias, RelativeBiasLookup):
-            m.logits.rel_bias = ConstantBias(m.logits.rel_bias())
+            b = m.logits.rel_bias()
+            # a fresh row-major copy: with one head the permuted table has strides torch still calls
+            # contiguous, which runtimes that trust the strides (ExecuTorch) cannot reshape
+            m.logits.rel_bias = ConstantBias(b.reshape(-1).clone().reshape(b.shape))
             count += 1
     return _require(count, "precompute_relative_bias")
 

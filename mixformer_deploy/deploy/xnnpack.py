@@ -16,8 +16,10 @@ expand_copy, 16 mean and 15 split stayed off XNNPACK. Each swap below removes on
   (B, C, N, 1) view.
 - ``q @ k^T`` on rank-4 tensors becomes expand + bmm (the expand on portable), and the qkv split becomes
   split_with_sizes (portable): here q, k and v are three Linear modules and the products are rank-3
-  ``bmm`` with heads folded into the batch. Rank-4 (B*nW, 1, N, N) products with one head also trip an
-  XNNPACK resize bug in executorch 1.5.1 (a static output tensor of the wrong shape).
+  ``bmm`` with heads folded into the batch.
+- The relative-position bias is stored row-major: with one head, the deploy form's permuted constant has
+  strides (1, N, 1), which torch calls contiguous but ExecuTorch 1.5.1 serializes into a tensor XNNPACK
+  cannot reshape (the .pte fails at run time, error 0x1 or 0x10).
 
 Module names stay those of the deploy form (``stages.0.0.norm1``, ``stages.0.0.attention.logits``,
 ``pool``, ``head``, and ``stages.0.0.attention.qkv`` now holding q, k, v), so precision keeps resolved
@@ -205,3 +207,26 @@ def to_xnnpack(deploy: DeployMixFormer) -> DeployMixFormer:
         raise RewriteError(f"to_xnnpack found nothing to rewrite for {', '.join(missing)}: "
                            "the deploy form is not the expected one")
     return model.eval()
+
+
+def kept_filter(keeps: list[str]):
+    """A node filter for the XNNPACK quantizer: False for nodes inside a kept module (or an XnnLayerNorm:
+    quantizing a normalization's mean and variance GEMVs is never wanted)."""
+    keeps = list(keeps)
+
+    def quantize(node) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, kind in stack.values():
+            name = _clean_path(path)
+            if any(name == k or name.startswith(k + ".") for k in keeps):
+                return False
+            if "XnnLayerNorm" in str(kind):
+                return False
+        return True
+    return quantize
+
+
+def _clean_path(path: str) -> str:
+    """nn_module_stack paths: 'stages.0.0.norm1' (non-strict) or "L['self'].stages[0]..." (strict)."""
+    p = path.replace("L['self'].", "").replace("L__self__.", "")
+    return p.replace("[", ".").replace("]", "").replace("'", "")

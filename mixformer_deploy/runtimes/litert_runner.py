@@ -1,0 +1,70 @@
+"""LiteRT: ai-edge-litert's interpreter (the TFLite runtime of Android and iOS) with its default XNNPACK
+delegate, on this machine's CPU, with the thread count set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import require
+from ..errors import ArtifactError, UsageError, one_line
+from .base import Runner
+
+
+class LiteRtRunner(Runner):
+    key = "litert"
+    dists = ("ai-edge-litert",)
+    extra = "litert"
+    option_help = {"xnnpack": "true (default): the XNNPACK delegate; false: LiteRT's builtin kernels only"}
+
+    def __init__(self, path: Path, device: str, threads: int | None, xnnpack: bool):
+        if device not in ("cpu", "auto"):
+            raise UsageError(f"litert runs on cpu here (XNNPACK), not {device!r}")
+        interp = require("ai_edge_litert.interpreter", self.extra)
+        from ..targets.litert import LiteRtTarget
+
+        self.path, self.device, self.threads = Path(path), "cpu", threads
+        target = LiteRtTarget()
+        manifest = target.read_embedded(self.path) or {}  # ArtifactError for a file that is not a .tflite
+        self.precision = manifest.get("precision", "fp32")
+        resolver = interp.OpResolverType.AUTO if xnnpack else interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.xnnpack = xnnpack
+        try:
+            self.interpreter = interp.Interpreter(model_path=str(self.path), num_threads=threads or None,
+                                                  experimental_op_resolver_type=resolver)
+            self.interpreter.allocate_tensors()
+        except Exception as e:
+            raise ArtifactError(f"{self.path.name}: LiteRT cannot load it ({one_line(e, 200)})") from e
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.input_shape = tuple(int(d) for d in self.input["shape"])
+
+    @classmethod
+    def load(cls, artifact, device="cpu", threads=None, options=None) -> "LiteRtRunner":
+        options = cls.check_options(options)
+        flag = str(options.get("xnnpack", "true")).lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise UsageError(f"bad --runtime-option xnnpack={flag}: true or false")
+        return cls(Path(artifact), device, threads, flag in ("true", "1"))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        b = self.input_shape[0]
+        if x.shape[1:] != self.input_shape[1:] or x.shape[0] % b:
+            raise ArtifactError(f"{self.path.name}: takes batches of {self.input_shape}, not {x.shape}")
+        outs = []
+        try:
+            for i in range(0, x.shape[0], b):  # a fixed-batch model: split a larger batch
+                self.interpreter.set_tensor(self.input["index"], x[i:i + b])
+                self.interpreter.invoke()
+                outs.append(self.interpreter.get_tensor(self.output["index"]).copy())
+        except Exception as e:
+            raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "delegate": "XNNPACK" if self.xnnpack else None}
+
+    def close(self) -> None:
+        self.interpreter = None

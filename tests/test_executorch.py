@@ -1,0 +1,198 @@
+"""ExecuTorch target (XNNPACK delegate) and runner, and the XNNPACK form of the deploy form it lowers.
+
+The default run exports the official fixture weights once, at a small size whose stage maps need
+padding (lowering costs ~20 s on an idle 2-core machine); int8 on the shipped weights and the 224x224
+fixture check are `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, rel_l2
+
+from mixformer_deploy.deploy import to_deploy  # noqa: E402
+from mixformer_deploy.deploy.precision import resolve_keeps  # noqa: E402
+from mixformer_deploy.deploy.xnnpack import XnnLayerNorm, to_xnnpack  # noqa: E402
+from mixformer_deploy.errors import ArtifactError, RewriteError, UsageError  # noqa: E402
+from mixformer_deploy.model import create_model  # noqa: E402
+from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
+from mixformer_deploy.export_api import export  # noqa: E402
+from mixformer_deploy.runtimes import open_runner  # noqa: E402
+from mixformer_deploy.targets import get_target  # noqa: E402
+
+pytestmark = pytest.mark.executorch
+
+WEIGHTS = DATA / "tiny.pdparams"
+SIZE = "64x64"
+
+
+# ---------------------------------------------------------------- the XNNPACK form (no ExecuTorch needed)
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 192), (64, 96)])
+def test_xnnpack_form_equals_the_deploy_form(official_tiny, size):
+    deploy = to_deploy(official_tiny, size)
+    xnn = to_xnnpack(deploy)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = deploy.stage_tensors(x), xnn.stage_tensors(x)
+    for w, g in zip(want, got):
+        assert rel_l2(g, w) <= 1e-6
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in xnn.modules())
+    assert sum(isinstance(m, XnnLayerNorm) for m in xnn.modules()) > 0
+
+
+def test_xnnpack_form_one_head_and_seeded_variant():
+    model = create_model("custom", 5, seed=1, embed_dim=16, depths=(1, 2), num_heads=(1, 2)).eval()
+    deploy = to_deploy(model, 96)
+    x = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_l2(to_xnnpack(deploy)(x), deploy(x)) <= 1e-6
+
+
+def test_xnnpack_form_keeps_the_deploy_module_names(official_tiny):
+    deploy = to_deploy(official_tiny, 64)
+    names = dict(to_xnnpack(deploy).named_modules())
+    for keep in resolve_keeps(deploy):
+        assert keep in names, keep
+    assert "stages.0.0.attention.qkv.q" in names
+
+
+def test_xnnpack_form_leaves_the_deploy_form_alone(official_tiny):
+    deploy = to_deploy(official_tiny, 64)
+    before = {k: v.clone() for k, v in deploy.state_dict().items()}
+    to_xnnpack(deploy)
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in deploy.modules())
+    assert all(torch.equal(before[k], v) for k, v in deploy.state_dict().items())
+
+
+def test_xnnpack_form_rejects_what_is_not_a_deploy_form(official_tiny):
+    with pytest.raises(RewriteError):
+        to_xnnpack(official_tiny)
+
+
+# ---------------------------------------------------------------- ExecuTorch
+
+def _needs_executorch():
+    pytest.importorskip("executorch.exir", reason="the executorch extra is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_executorch(request):
+    if "xnnpack_form" not in request.node.name:
+        _needs_executorch()
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    _needs_executorch()
+    out = tmp_path_factory.mktemp("et")
+    result = export(WEIGHTS, target="executorch", img_size=SIZE, output=out)
+    assert result.passed, result.parity.failures
+    return result
+
+
+def test_artifact_follows_the_contract_and_passes_parity(fp32):
+    assert fp32.path.name == "mixformer-custom-64x64-b1-fp32.pte"
+    side = json.loads(sidecar_path(fp32.path).read_text())
+    assert side["parity"]["passed"] is True and side["target"] == "executorch"
+
+
+def test_matches_pytorch_and_splits_larger_batches(fp32):
+    from mixformer_deploy.checkpoints import load_checkpoint
+    from mixformer_deploy.data import photos
+
+    x = photos(64, 64, names=("chelsea", "astronaut", "coffee"))[0]
+    with torch.no_grad():
+        want = load_checkpoint(WEIGHTS).model(torch.from_numpy(x)).numpy()
+    runner = open_runner(fp32.path, threads=1)
+    got = runner.run(x)  # a b1 program, three images
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert rel_l2(got, want) <= 1e-5
+    assert runner.describe()["delegate"] == "XnnpackBackend"
+
+
+def test_every_compute_op_is_delegated_to_xnnpack(fp32):
+    d = fp32.manifest["delegation"]
+    assert d["non_delegated"] == {} and d["compute_off_delegate"] == {}
+    assert d["delegated"]["linear"] > 0 and d["delegated"]["convolution"] > 0 and d["delegated"]["bmm"] > 0
+    assert not {"native_layer_norm", "addmm", "expand_copy", "split_with_sizes_copy"} & set(d["delegated"])
+    info = get_target("executorch").inspect(fp32.path)
+    assert info["instructions"] == {"delegate:XnnpackBackend": 1}
+    assert info["inputs"] == [{"shape": [1, 3, 64, 64], "dtype": "fp32"}]
+    assert info["outputs"] == [{"shape": [1, 10], "dtype": "fp32"}]
+
+
+def test_manifest_is_embedded_and_survives_without_sidecar(fp32, tmp_path):
+    copy = tmp_path / "renamed.pte"
+    shutil.copyfile(fp32.path, copy)
+    manifest = read_manifest(copy)
+    assert manifest["input_size"] == [64, 64] and manifest["target"] == "executorch"
+    assert manifest["graph_form"] == "xnnpack" and manifest["delegation"]["subgraphs"] == 1
+    assert open_runner(copy).run(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("content", [b"not a program at all", b"", b"\0\0\0\0ET12" + b"\0" * 64])
+def test_not_a_program_is_an_artifact_error(tmp_path, content):
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(content)
+    with pytest.raises(ArtifactError):
+        open_runner(bad, runtime="executorch")
+    with pytest.raises(ArtifactError):
+        get_target("executorch").inspect(bad)
+
+
+def test_truncated_program_is_an_artifact_error(fp32, tmp_path):
+    bad = tmp_path / "truncated.pte"
+    bad.write_bytes(fp32.path.read_bytes()[: fp32.path.stat().st_size // 2])
+    with pytest.raises(ArtifactError):
+        open_runner(bad, runtime="executorch").run(np.zeros((1, 3, 64, 64), np.float32))
+
+
+def test_wrong_input_shape_is_an_artifact_error(fp32):
+    with pytest.raises(ArtifactError, match="takes batches"):
+        open_runner(fp32.path).run(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_dynamic_batch_and_unknown_options_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="fixed batch"):
+        export(WEIGHTS, target="executorch", img_size=SIZE, batch="dynamic", output=tmp_path, check=False)
+    with pytest.raises(UsageError):
+        export(WEIGHTS, target="executorch", precision="fp16", output=tmp_path, check=False)
+    with pytest.raises(UsageError):
+        export(WEIGHTS, target="executorch", img_size=SIZE, output=tmp_path, check=False,
+               target_options={"graph_form": "nchw"})
+    assert not list(tmp_path.glob("*.pte"))
+
+
+# ---------------------------------------------------------------- slow: full sizes, int8 of the shipped weights
+
+@pytest.mark.slow
+def test_official_fixture_at_224_within_1e4(tmp_path):
+    ref = np.load(DATA / "tiny.npz")
+    result = export(WEIGHTS, target="executorch", img_size=224, output=tmp_path, check=False)
+    assert rel_l2(open_runner(result.path).run(ref["input"]), ref["logits"]) <= 1e-4
+    assert result.manifest["delegation"]["non_delegated"] == {}
+
+
+@pytest.mark.slow
+def test_int8_of_the_shipped_weights_passes_the_accuracy_gate(tmp_path):
+    result = export(None, target="executorch", precision="int8", output=tmp_path)
+    assert result.passed, result.parity.failures
+    d = result.manifest["delegation"]
+    assert d["compute_off_delegate"] == {} and d["delegated"].get("quantize_per_tensor", 0) > 0
+
+
+@pytest.mark.slow
+def test_the_deploy_form_as_is_leaves_ops_on_portable_kernels(tmp_path):
+    """The measurement the XNNPACK form answers: the deploy form's 1x1-conv GEMMs, LayerNorms, expands and
+    splits stay off XNNPACK."""
+    result = export(WEIGHTS, target="executorch", img_size=SIZE, output=tmp_path, check=False,
+                    target_options={"graph_form": "deploy"})
+    off = result.manifest["delegation"]["compute_off_delegate"]
+    assert "native_layer_norm" in off and "addmm" in off
