@@ -152,3 +152,18 @@ def test_bad_inputs_are_refused_before_adb_is_called(tmp_path, fake_adb, binary)
     with pytest.raises(UsageError):
         bench_on_device(_artifact(tmp_path, "litert", ".tflite"), "phone1", binary, runs=0, adb=str(exe))
     assert not log.exists()
+
+
+def test_bench_cli_adb_options_are_checked(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.cli.app import _load_commands, app
+
+    _load_commands()
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "m.pte"), "--adb", "emulator-5554"])
+    assert r.exit_code == 2 and "go together" in r.stderr
+    monkeypatch.setenv("PATH", str(tmp_path))  # no adb anywhere
+    tool = tmp_path / "executor_runner"
+    tool.write_bytes(b"\x7fELF")
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "m.pte"), "--adb", "emulator-5554", "--benchmark-binary", str(tool)])
+    assert r.exit_code == 4 and r.stderr.strip().splitlines()[-1] == f"error: artifact not found: {tmp_path / 'm.pte'}"

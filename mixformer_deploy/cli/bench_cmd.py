@@ -73,6 +73,23 @@ def print_results(doc: dict) -> None:
         console.print(line)
 
 
+def _bench_on_phone(artifacts: list[Path], serial: str | None, binary: Path | None, threads: int | None,
+                    runs: int, json_out: Path | None) -> None:
+    from ..adb import bench_on_device
+    from ..reports.bench_json import write_results
+
+    if serial is None or binary is None:
+        raise UsageError("--adb SERIAL and --benchmark-binary PATH go together")
+    if len(artifacts) != 1:
+        raise UsageError("--adb times one artifact at a time")
+    doc = bench_on_device(artifacts[0], serial, binary, runs=runs, threads=threads or 2)
+    if json_out:
+        write_results(json_out, doc)
+    print_results(doc)
+    if json_out:
+        typer.echo(f"wrote {json_out}")
+
+
 def print_regression(reg: dict) -> None:
     typer.echo(f"regression gate: {reg['verdict']} (threshold +{reg['threshold'] * 100:.3g}%, "
                f"baseline {reg['baseline_machine']} of {reg.get('baseline_created') or '?'})")
@@ -104,6 +121,8 @@ def bench(
     baseline: Annotated[Optional[Path], typer.Option(help="An earlier --json result: exit 1 if p50 latency regressed beyond --max-regression.")] = None,
     max_regression: Annotated[str, typer.Option(help="Allowed p50 slow-down: 10% or 10 (a value with % or above 1 is a percentage) or 0.1 (a fraction).")] = "10%",
     no_floor: Annotated[bool, typer.Option("--no-floor", help="Skip the FLOP floor (MAC count and matmul-rate probe).")] = False,
+    adb: Annotated[Optional[str], typer.Option("--adb", metavar="SERIAL", help="Time the artifact on an Android device over adb with the runtime's own benchmark tool (.pte: executor_runner, .tflite: benchmark_model).", rich_help_panel="On a phone")] = None,
+    benchmark_binary: Annotated[Optional[Path], typer.Option("--benchmark-binary", help="With --adb: the runtime's benchmark tool built for the phone's ABI.", rich_help_panel="On a phone")] = None,
 ):
     """Time artifacts: load time, first inference, p50/p90/p95/p99/mean/std/min/max latency (ms), throughput
     (images/s), peak memory, size, and the FLOP floor.
@@ -116,6 +135,9 @@ def bench(
     from ..bench import Policy, benchmark
     from ..regression import compare, parse_threshold
     from ..reports.bench_json import read_results, write_results
+
+    if adb is not None or benchmark_binary is not None:
+        return _bench_on_phone(artifacts, adb, benchmark_binary, threads, min_iters, json_out)
 
     batches = parse_batches(batch)
     threshold = parse_threshold(max_regression)
