@@ -30,6 +30,10 @@ test-all: setup
 bench: setup
 	$(BIN)/python benchmarks/onnx_speedup.py
 	$(BIN)/python benchmarks/run_suite.py benchmarks/suite-cpu.toml
+	$(BIN)/python benchmarks/openvino_bench.py
+	$(BIN)/python benchmarks/aoti_bench.py
+	$(BIN)/python benchmarks/mobile_bench.py
+	$(BIN)/python benchmarks/onnx_fp16_keeps.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -532,6 +532,10 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
 
     reference = TorchRunner(ref.model)
     runner = open_runner(artifact, runtime, device, options=runtime_options)
+    executed = getattr(runner, "precision", None) or precision
+    if executed != precision:  # a runtime option changed the execution precision (OpenVINO bf16): its tolerance
+        precision = executed
+        tol = _tolerance(artifact, {**manifest, "precision": executed}, atol, rtol, min_cosine)
     try:
         log.info("parity of %s (%s) against %s on %s", display_name or artifact.name, runner.key, ref.path or "seeded weights",
                  ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
