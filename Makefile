@@ -1,6 +1,7 @@
 # Two entry points on a fresh clone: `make run` (set up, export + check the shipped weights) and
 # `make test` (set up, run the test suite). Set-up installs torch's CPU build first so that the
-# dependency resolver never pulls a multi-GB CUDA build on a CPU machine.
+# dependency resolver never pulls a multi-GB CUDA build on a CPU machine; then every backend (`all`), then
+# the test tools (`dev`): one resolution of both at once sends pip's resolver into a dead end.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[all]"
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
