@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .backends import version_of
 
 # ---------------------------------------------------------------- hardware
 

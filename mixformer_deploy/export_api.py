@@ -21,7 +21,7 @@ from .errors import ArtifactError, ExportError, InputFileError, RewriteError, Us
 from .manifest import artifact_name
 from .model import MixFormer
 from .numerics import rel_l2
-from .source import SourceModel, base_manifest, load_source, resolve_size
+from .source import base_manifest, load_source, resolve_size
 from .targets import ExportOptions, Target, get_target
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import platform
 from datetime import datetime, timezone
 
 from . import __version__
-from .artifact import SCHEMA
+from .artifact import SCHEMA  # noqa: F401 (the manifest schema, defined with the artifact)
 from .backends import version_of
 
 EMBED_KEY = "mixformer_deploy.manifest"

@@ -3,7 +3,6 @@ artifacts. Real subprocesses where the fault is a process's."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

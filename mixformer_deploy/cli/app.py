@@ -112,6 +112,17 @@ def quiet() -> bool:
     return bool(_state["quiet"])
 
 
+PIPED_WIDTH = 100
+
+
+def console(stderr: bool = False):
+    """The one rich Console of the CLI: the terminal's width, or 100 columns when piped (CI logs)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else PIPED_WIDTH)
+
+
 def show_progress() -> bool:
     """Progress bars on an interactive terminal only; CI logs stay quiet."""
     return sys.stderr.isatty() and not os.environ.get("CI")

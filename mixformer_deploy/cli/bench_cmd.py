@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -14,7 +13,7 @@ import typer
 from ..errors import GateError, UsageError
 from ..runtimes import keys as runtime_keys
 from ..runtimes import parse_runtime_options
-from .app import app, show_progress, quiet_logger
+from .app import app, show_progress, quiet_logger, console as make_console
 
 PANEL = "Measure"
 MIB = 2 ** 20
@@ -49,12 +48,11 @@ def progress_bar():
 
 
 def print_results(doc: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from ..reports.markdown import HEADERS, result_row
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+    console = make_console()
     m = doc["machine"]
     floor = (doc.get("floor") or {}).get("matmul")
     title = f"{m['slug']}" + (f", float32 matmul {floor['gflops']:.1f} GFLOP/s" if floor else "")

@@ -14,7 +14,7 @@ import typer
 from ..errors import ParityError
 from ..targets import keys as target_keys
 from ..targets import option_owners
-from .app import app, quiet, show_progress
+from .app import app, quiet, show_progress, console as make_console
 
 GENERIC = "Export"
 TARGET_PANEL = "Target options"
@@ -71,7 +71,7 @@ def export_cmd(
         from rich.console import Console
 
         from .parity_cmd import print_report
-        print_report(result.parity, Console(stderr=True))
+        print_report(result.parity, make_console(stderr=True))
     after = result.after
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "parity": result.parity.to_dict() if result.parity else None,

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
-from .app import app, quiet_logger
+from .app import app, quiet_logger, console as make_console
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,9 @@ def _yes(v) -> str:
 
 
 def _print_human(info: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = make_console()
     m, w, hw = info["model"], info["weights"], info["hardware"]
     if m["inferred"]:
         console.print(f"inferred: {m['description']}", markup=False)

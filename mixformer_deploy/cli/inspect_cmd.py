@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..errors import ArtifactError
-from .app import app
+from .app import app, console as make_console
 
 
 def inspect_artifact(path: Path) -> dict:
@@ -40,7 +39,7 @@ def inspect_cmd(
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    console = Console(highlight=False)
+    console = make_console()
     m = info.get("manifest") or {}
     console.print(f"[bold]{artifact.name}[/bold]  target {info['target']}  {info['size_bytes'] / 2**20:.2f} MiB  "
                   f"precision {m.get('precision', '?')}  max rank {info.get('max_rank')}")

@@ -13,14 +13,14 @@ from rich.table import Table
 
 from ..errors import CheckpointError, ParityError, UsageError
 from ..runtimes import parse_runtime_options
-from .app import app, quiet_logger
+from .app import app, quiet_logger, console as make_console
 from .bench_cmd import RUNTIME_OPTION_HELP
 
 PANEL = "Verify"
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    return make_console()
 
 
 def _num(v, spec: str = ".3g") -> str:

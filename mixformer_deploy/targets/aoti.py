@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError, ExportError, MissingBackendError, UsageError, one_line
-from ..formats.pt2 import MANIFEST_FILE, archive_members, embedded_manifest, package_facts, read_member  # noqa: F401
+from ..errors import ExportError, MissingBackendError, UsageError, one_line
+from ..formats.pt2 import MANIFEST_FILE, archive_members, embedded_manifest, package_facts
 from .base import ExportOptions, Target, TargetOption, Tolerance
 
 log = logging.getLogger(__name__)
