@@ -17,7 +17,7 @@ import torch
 from .artifact import publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json_atomic
 from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
 from .data import parse_size, photos
-from .errors import ArtifactError, ExportError, InputFileError, RewriteError, UsageError
+from .errors import ArtifactError, ExportError, InputFileError, RewriteError, UsageError, one_line
 from .manifest import artifact_name
 from .model import MixFormer
 from .numerics import rel_l2
@@ -201,4 +201,4 @@ def _to_deploy(model: MixFormer, h: int, w: int):
     except RewriteError:
         raise
     except Exception as e:
-        raise RewriteError(f"deploy rewrite failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+        raise RewriteError(f"deploy rewrite failed: {one_line(e, 200)}") from e

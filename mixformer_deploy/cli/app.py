@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import MixformerDeployError
+from ..errors import MixformerDeployError, one_line
 
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
 INTERNAL_EXIT = 70
@@ -44,7 +44,7 @@ class _ErrorMappingGroup(TyperGroup):
                 _fail(e, 2, e.format_message().splitlines()[0] + where)
             if _is(e, "Abort") or _is(e, "Exit"):
                 raise
-            _fail(e, INTERNAL_EXIT, f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:200]} "
+            _fail(e, INTERNAL_EXIT, f"internal error: {one_line(e, 200)} "
                                     "(rerun with --debug for the traceback)")
 
 
@@ -150,6 +150,6 @@ def main() -> None:
         if _state["debug"]:
             import traceback
             traceback.print_exception(e, file=sys.stderr)
-        typer.echo(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:200]} "
+        typer.echo(f"error: internal error: {one_line(e, 200)} "
                    "(rerun with --debug for the traceback)", err=True)
         sys.exit(INTERNAL_EXIT)
