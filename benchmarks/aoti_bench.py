@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts" / "aoti-bench")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--note", action="append", default=[], help="a note recorded with the results")
     ap.add_argument("--reuse", action="store_true", help="reuse exports recorded in WORK/exports.json")
     args = ap.parse_args()
 
@@ -138,9 +139,7 @@ def main() -> None:
                   "compile_under_90_s": (exports["aoti-fp32"]["compile"] or {}).get("compile_s", 1e9) < 90,
                   "export_cpu_s_under_90_on_2_cores": exports["aoti-fp32"]["cpu_s"] < 90},
         "torch": torch.__version__,
-        "notes": ["The machine was shared with other workers during this run (other builds and benchmarks on "
-                  "the same 2 cores): absolute times are noisy; the interleaved ratios are the comparable "
-                  "figures.", "Compile: a cold inductor cache per export (TORCHINDUCTOR_CACHE_DIR fresh), "
+        "notes": [*args.note, "Compile: a cold inductor cache per export (TORCHINDUCTOR_CACHE_DIR fresh), "
                   "OMP_NUM_THREADS set to the benchmark's threads; peak memory is the summed RSS of the "
                   "export's process tree (Python + g++), sampled every 50 ms."],
     }
@@ -151,8 +150,7 @@ def main() -> None:
     lines = [f"# AOTInductor .pt2 vs onnxruntime and OpenVINO ({args.variant}, {args.size}x{args.size}, batch 1, "
              f"{args.threads} threads)", "",
              f"Machine: `{slug}`, torch {torch.__version__}. One interleaved run (each artifact in its own worker "
-             "process); p50 latency. **The machine was shared with other workers during this run**: absolute "
-             "numbers are noisy, the side-by-side ratios are what this run shows.", "",
+             "process); p50 latency." + "".join(f" {n}" for n in args.note), "",
              "| artifact | runtime | p50 ms | vs onnxruntime | vs eager reference | export+compile s (wall) | "
              "export+compile CPU s | compile s (wall) | peak compile memory MiB | size MiB | parity max abs |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

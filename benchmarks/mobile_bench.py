@@ -35,7 +35,9 @@ def accuracy_vs_reference(paths: dict, model, h: int, w: int) -> dict:
     import torch
 
     from mixformer_deploy.data import photos
+    from mixformer_deploy.artifact import read_manifest
     from mixformer_deploy.numerics import rel_l2
+    from mixformer_deploy.parity import fixed_batch, run_batched
     from mixformer_deploy.runtimes import open_runner
 
     x = photos(h, w)[0]
@@ -44,7 +46,7 @@ def accuracy_vs_reference(paths: dict, model, h: int, w: int) -> dict:
     out = {}
     for name, p in paths.items():
         runner = open_runner(p, threads=2)
-        out[name] = rel_l2(runner.run(x), ref)
+        out[name] = rel_l2(run_batched(runner, x, fixed_batch(read_manifest(p))), ref)
         runner.close()
     return out
 

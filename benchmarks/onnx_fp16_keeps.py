@@ -69,8 +69,8 @@ def main() -> None:
                        "kept_modules": len((r.manifest.get("precision_keeps") or {}).get("modules", []))}
     doc = benchmark([r["path"] for r in rows.values()], runtime="onnxruntime", threads=args.threads,
                     policy=Policy(warmup_s=2.0, duration_s=args.duration_s, min_iters=50))
-    for v in rows.values():
-        v["p50_ms"] = next(r["latency_ms"]["p50"] for r in doc["results"] if r["artifact"] == Path(v["path"]).name)
+    for i, v in enumerate(rows.values()):  # by position: two fp16 files share a name, in different folders
+        v["p50_ms"] = next(r["latency_ms"]["p50"] for r in doc["results"] if r["index"] == i)
     doc["fp16_keeps"] = rows
     doc["ort_cpu_fp16_graph_runs_in"] = ort_cpu_precisions(rows["fp16 + default keeps"]["path"])
     slug = doc["machine"]["slug"]

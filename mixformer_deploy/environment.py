@@ -191,7 +191,7 @@ def backends_status(probe: bool = False) -> dict[str, dict]:
             run = {"installed": False, "package": key, "version": None, "can_run": False, "devices": [],
                    "note": f"status check failed: {type(e).__name__}"}
         exp = target.status() if target else None
-        base = exp if exp else run
+        base = run if run else exp  # the runtime is what users know a backend by (TensorRT, not its ONNX tools)
         notes = [n for n in ((exp or {}).get("note"), (run or {}).get("note")) if n]
         out[key] = {"key": key, "package": base["package"], "installed": bool(base["installed"]),
                     "version": base["version"], "can_export": exp["can_export"] if exp else None,
