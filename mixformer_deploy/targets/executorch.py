@@ -25,7 +25,7 @@ import torch
 from ..backends import require
 from ..errors import ArtifactError, ExportError, UsageError, one_line
 from ..deploy.xnnpack import kept_filter
-from .base import ExportOptions, Target, TargetOption, Tolerance
+from .base import INT8_PER_TENSOR, ExportOptions, Target, TargetOption, Tolerance
 
 log = logging.getLogger(__name__)
 MANIFEST_METHOD = "mixformer_manifest"
@@ -82,7 +82,7 @@ class ExecuTorchTarget(Target):
     runtime = "executorch"
     precisions = ("fp32", "int8")
     calibrated = ("int8",)
-    tolerances = {"fp32": Tolerance(1e-4, 1e-4, 0.99999), "int8": Tolerance(0.5, 0.1, 0.99, gate_top1=False)}
+    tolerances = {"fp32": Tolerance(1e-4, 1e-4, 0.99999), "int8": INT8_PER_TENSOR}
     options = (GRAPH_FORM,)
     versions = ("executorch", "torchao")
     description = "ExecuTorch .pte with the XNNPACK delegate (Android and iOS CPUs)"

@@ -28,7 +28,7 @@ import torch
 from ..backends import require
 from ..errors import ArtifactError, ExportError, UsageError, one_line
 from ..manifest import EMBED_KEY
-from .base import ExportOptions, Target, Tolerance
+from .base import INT8_PER_TENSOR, ExportOptions, Target, Tolerance
 from .executorch import GRAPH_FORM, _form, _installed
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class LiteRtTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     calibrated = ("int8",)
     tolerances = {"fp32": Tolerance(1e-4, 1e-4, 0.99999), "fp16": Tolerance(2e-2, 2e-2, 0.999),
-                  "int8": Tolerance(0.5, 0.1, 0.99, gate_top1=False)}
+                  "int8": INT8_PER_TENSOR}
     options = (GRAPH_FORM,)
     versions = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")
     description = "LiteRT (TensorFlow Lite) .tflite with the XNNPACK delegate (Android, iOS, embedded CPUs)"
