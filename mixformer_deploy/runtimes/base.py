@@ -63,6 +63,21 @@ class Runner(ABC):
     def run(self, batch: np.ndarray) -> np.ndarray:
         """NCHW float32 normalized images -> logits, as numpy float32."""
 
+    def run_fixed(self, batch: np.ndarray, shape: tuple, run_one) -> np.ndarray:
+        """Run a program compiled for one input ``shape`` on a batch that is a multiple of its batch size:
+        slices of that size through ``run_one`` (numpy in, numpy out), concatenated, float32."""
+        from ..errors import ArtifactError, one_line
+
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        b = shape[0]
+        if x.shape[1:] != tuple(shape[1:]) or x.shape[0] % b:
+            raise ArtifactError(f"{Path(self.path).name}: takes batches of {tuple(shape)}, not {x.shape}")
+        try:
+            outs = [np.array(run_one(x[i:i + b])) for i in range(0, x.shape[0], b)]
+        except Exception as e:
+            raise ArtifactError(f"{Path(self.path).name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Per-stage debug outputs (stem, stage0..N, features, logits) in the reference layout, for
         localizing a parity failure. Runners that cannot expose them return only the logits."""

@@ -53,17 +53,8 @@ class ExecuTorchRunner(Runner):
         return cls(Path(artifact), device, threads)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        b = self.input_shape[0]
-        if x.shape[1:] != self.input_shape[1:] or x.shape[0] % b:
-            raise ArtifactError(f"{self.path.name}: takes batches of {self.input_shape}, not {x.shape}")
-        outs = []
-        try:
-            for i in range(0, x.shape[0], b):  # a fixed-batch program: split a larger batch
-                outs.append(self.method.execute([self.torch.from_numpy(x[i:i + b])])[0].numpy().copy())
-        except Exception as e:
-            raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        return self.run_fixed(batch, self.input_shape,
+                              lambda part: self.method.execute([self.torch.from_numpy(part)])[0].numpy())
 
     def describe(self) -> dict:
         d = super().describe()

@@ -49,19 +49,12 @@ class LiteRtRunner(Runner):
         return cls(Path(artifact), device, threads, flag in ("true", "1"))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        b = self.input_shape[0]
-        if x.shape[1:] != self.input_shape[1:] or x.shape[0] % b:
-            raise ArtifactError(f"{self.path.name}: takes batches of {self.input_shape}, not {x.shape}")
-        outs = []
-        try:
-            for i in range(0, x.shape[0], b):  # a fixed-batch model: split a larger batch
-                self.interpreter.set_tensor(self.input["index"], x[i:i + b])
-                self.interpreter.invoke()
-                outs.append(self.interpreter.get_tensor(self.output["index"]).copy())
-        except Exception as e:
-            raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        return self.run_fixed(batch, self.input_shape, self._invoke)
+
+    def _invoke(self, part: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self.input["index"], part)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])
 
     def describe(self) -> dict:
         return {**super().describe(), "delegate": "XNNPACK" if self.xnnpack else None}
