@@ -40,7 +40,9 @@ def test_two_exports_give_the_same_bytes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
-def test_killed_export_leaves_no_partial_artifact_and_keeps_the_earlier_one(tmp_path, delay):
+def test_killed_export_leaves_no_partial_artifact_and_keeps_the_earlier_one(tmp_path, delay, monkeypatch):
+    # a fixed time stamp: an export that finishes before the kill replaces the file with the same bytes
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     good = export(WEIGHTS, img_size=64, output=tmp_path, check=False).path
     before = good.read_bytes()
     proc = subprocess.Popen(_export_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
