@@ -40,17 +40,18 @@ def test_two_exports_give_the_same_bytes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
-def test_killed_export_leaves_no_partial_artifact_and_keeps_the_earlier_one(tmp_path, delay, monkeypatch):
-    # a fixed time stamp: an export that finishes before the kill replaces the file with the same bytes
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+def test_killed_export_leaves_no_partial_artifact_and_keeps_the_earlier_one(tmp_path, delay):
     good = export(WEIGHTS, img_size=64, output=tmp_path, check=False).path
     before = good.read_bytes()
+    graph_before = onnx.load(str(good)).graph.SerializeToString()
     proc = subprocess.Popen(_export_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert good.read_bytes() == before, "the earlier artifact was damaged"
-    assert onnx.load(str(good)).graph.node
+    # either the earlier artifact untouched, or (the export won the race) a whole new one: same graph; its
+    # metadata may differ (the rewrite's measured error varies in the last bits between processes)
+    if good.read_bytes() != before:
+        assert onnx.load(str(good)).graph.SerializeToString() == graph_before, "the earlier artifact was damaged"
     # the next export of that name completes and removes the dead writer's temporaries
     subprocess.run(_export_cmd(tmp_path), check=True, stdout=subprocess.DEVNULL)
     leftovers = [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
