@@ -31,6 +31,9 @@ _DERIVED = ("relative_position_index", "num_batches_tracked")
 _PADDLE_INTERNAL = "StructuredToParameterName@@"
 _WRAPPERS = ("state_dict", "model_ema", "ema", "model", "module", "net", "network", "params")
 _PREFIXES = ("module.", "model.", "_orig_mod.", "ema.", "backbone.")
+_BACKBONE = "backbone."
+_CLASSIFIER = ("norm.", "last_proj.", "head.")          # what a backbone-only checkpoint may lack
+_OUT_NORM = re.compile(r"norm\d+\.(weight|bias)$")      # per-output LayerNorms of detection backbones
 # torch.save(..., _use_new_zipfile_serialization=False) opens with this pickled magic number
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
@@ -154,7 +157,17 @@ def unwrap(obj: object, name: str = "checkpoint") -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not _looks_like_state_dict(obj):
         raise CheckpointError(f"{name}: no MixFormer state dict found (top-level keys: "
                               f"{_preview(obj.keys()) if isinstance(obj, dict) else type(obj).__name__})")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = _strip_prefixes({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    backbone = [k for k in sd if k.startswith(_BACKBONE)]
+    if backbone and len(backbone) < len(sd):  # a detection/segmentation model: its backbone's tensors
+        others = sorted({k.split(".")[0] for k in sd if not k.startswith(_BACKBONE)})
+        log.info("%s: took the %d backbone.* tensors, ignored %d others (%s)", name, len(backbone),
+                 len(sd) - len(backbone), ", ".join(others[:6]))
+        sd = _strip_prefixes({k: sd[k] for k in backbone})
+    return sd
+
+
+def _strip_prefixes(sd: dict) -> dict:
     changed = True
     while changed:
         changed = False
@@ -200,7 +213,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> MixFormerConfig:
             embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), num_classes=num_classes,
             window_size=window, dwconv_kernel_size=kernel, mlp_ratio=hidden / embed_dim,
             qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd, patch_size=patch, in_chans=in_chans,
-            head_dim=sd["last_proj.weight"].shape[0])
+            head_dim=sd["last_proj.weight"].shape[0] if "last_proj.weight" in sd else MixFormerConfig.head_dim)
     except (KeyError, IndexError, UnboundLocalError) as e:
         raise CheckpointError(f"cannot infer a MixFormer architecture from the checkpoint (missing {e})") from e
     return MixFormerConfig(**{**cfg.to_dict(), "depths": tuple(depths), "num_heads": tuple(heads),
@@ -217,6 +230,8 @@ class LoadedCheckpoint:
     sha256: str
     path: Path
     metadata: dict
+    has_classifier: bool = True      # False: a backbone-only checkpoint (no head / last_proj / final norm)
+    out_norms: dict | None = None    # norm{i}.weight/bias of a detection backbone, for --out-norm
 
 
 def check_finite(sd: dict[str, torch.Tensor], name: str) -> None:
@@ -225,10 +240,14 @@ def check_finite(sd: dict[str, torch.Tensor], name: str) -> None:
         raise CheckpointError(f"{name}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {_preview(bad, 3)}")
 
 
-def load_state_dict_strict(model: MixFormer, sd: dict[str, torch.Tensor], name: str = "checkpoint") -> None:
-    """Strict load that names what does not fit: missing, unexpected and mis-shaped keys."""
+def load_state_dict_strict(model: MixFormer, sd: dict[str, torch.Tensor], name: str = "checkpoint",
+                           backbone_only: bool = False) -> None:
+    """Strict load that names what does not fit: missing, unexpected and mis-shaped keys.
+    ``backbone_only``: the classifier's tensors may be absent (they keep their initial values)."""
     sd = {k: v for k, v in sd.items() if not k.endswith(_DERIVED)}
     own = {k: v for k, v in model.state_dict().items() if not k.endswith(_DERIVED)}
+    if backbone_only:
+        own = {k: v for k, v in own.items() if k in sd or not k.startswith(_CLASSIFIER)}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     misshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -258,6 +277,10 @@ def load_checkpoint(path: str | Path, variant: str | None = None, num_classes: i
     path = Path(path)
     sd, fmt = read_raw(path)
     check_finite(sd, path.name)
+    out_norms = {k: sd.pop(k) for k in list(sd) if _OUT_NORM.match(k)} or None
+    backbone_only = not all(any(k.startswith(p) for k in sd) for p in _CLASSIFIER)
+    if backbone_only:
+        log.info("%s: a backbone-only checkpoint (no classifier head): it exports with --head none", path.name)
     inferred = infer_config(sd)
     meta = _safetensors_metadata(path)
     if variant and variant.lower() != "auto":
@@ -270,8 +293,8 @@ def load_checkpoint(path: str | Path, variant: str | None = None, num_classes: i
         log.info("inferred %s (embed_dim %d, depths %s, heads %s, %d classes) from %s", cfg.name, cfg.embed_dim,
                  list(cfg.depths), list(cfg.num_heads), cfg.num_classes, path.name)
     model = MixFormer(cfg)
-    load_state_dict_strict(model, sd, path.name)
-    return LoadedCheckpoint(model.eval(), cfg, fmt, sha256_file(path), path, meta)
+    load_state_dict_strict(model, sd, path.name, backbone_only)
+    return LoadedCheckpoint(model.eval(), cfg, fmt, sha256_file(path), path, meta, not backbone_only, out_norms)
 
 
 def load_model(path: str | Path, variant: str | None = None, num_classes: int | None = None) -> MixFormer:

@@ -17,24 +17,38 @@ import torch
 from .artifact import publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json_atomic
 from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
 from .data import parse_size, photos
-from .errors import ArtifactError, ExportError, InputFileError, RewriteError, UsageError, one_line
+from .errors import ArtifactError, CheckpointError, ExportError, InputFileError, RewriteError, UsageError, one_line
 from .manifest import artifact_name
-from .model import MixFormer
 from .numerics import rel_l2
-from .source import base_manifest, load_source, resolve_size
+from .source import SourceModel, base_manifest, load_source, resolve_size
 from .targets import ExportOptions, Target, get_target
 
 log = logging.getLogger(__name__)
 REWRITE_MAX_REL_L2 = 1e-5
 
 
-def rewrite_error(model: MixFormer, deploy: torch.nn.Module, h: int, w: int) -> float:
+def rewrite_error(model: torch.nn.Module, deploy: torch.nn.Module, h: int, w: int) -> float:
     """Relative L2 between the deploy form and the reference on real photos: the rewrite's own error,
-    reported apart from the backend's."""
+    reported apart from the backend's (a backbone's: its worst output's)."""
     x = torch.from_numpy(photos(h, w, names=("chelsea", "astronaut"))[0])
     with torch.no_grad():
         ref, dep = model(x), deploy(x)
-    return rel_l2(dep, ref)
+    if isinstance(ref, torch.Tensor):
+        return rel_l2(dep, ref)
+    return max(rel_l2(d, r) for d, r in zip(dep, ref))
+
+
+HEADS = ("classifier", "none")
+
+
+def check_head(head: str, out_indices, out_norm: bool) -> None:
+    if head not in HEADS:
+        raise UsageError(f"bad --head {head!r}: classifier (logits) or none (a backbone's feature maps)")
+    if head != "none" and (out_indices is not None or out_norm):
+        raise UsageError("--out-indices and --out-norm apply to backbones: add --head none")
+    if head == "none":
+        from .model.backbone import parse_out_indices
+        parse_out_indices(out_indices)
 
 
 def check_stride(h: int, w: int, stride: int = 32) -> None:
@@ -100,13 +114,17 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
            inputs: tuple[str, ...] | None = None, keep_fp32: tuple[str, ...] = (), default_keeps: bool = True,
            calibration: str | Path | None = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
            target_options: dict | None = None, accuracy_set: str | Path | None = None,
-           max_accuracy_drop: str | None = None) -> ExportResult:
+           max_accuracy_drop: str | None = None, source: SourceModel | None = None, head: str = "classifier",
+           out_indices: str | tuple[int, ...] | None = None, out_norm: bool = False) -> ExportResult:
     """Export weights to a target's artifact and (unless check=False) gate it on parity and accuracy.
 
     ``check``: None (the default) runs the parity gate where the target's runtime can run here, and
     otherwise records in the manifest why it was not run (Core ML on Linux); True insists (exit 3 where it
-    cannot run); False skips it. Options are checked before any weights are read. The deploy form gates itself: a rewrite error above
-    REWRITE_MAX_REL_L2 on real photos is an ExportError (exit 5)."""
+    cannot run); False skips it. ``source``: weights already loaded (``load_source``), so that several
+    exports of one model read them once. ``head="none"``: a backbone artifact whose outputs are the
+    feature maps of the stages in ``out_indices`` (features_0..3, NCHW), each after its LayerNorm from
+    the checkpoint with ``out_norm``. Options are checked before any weights are read. The deploy form
+    gates itself: a rewrite error above REWRITE_MAX_REL_L2 on real photos is an ExportError (exit 5)."""
     from .calibration import load_calibration
     from .deploy.precision import resolve_keeps
 
@@ -114,6 +132,7 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
     n = parse_batch(batch)
     if img_size:  # the size is checked before any weights are read (every MixFormer's stride is 32)
         check_stride(*parse_size(img_size))
+    check_head(head, out_indices, out_norm)
     options = ExportOptions(0, 0, n, precision, target_options=target_options_of(tgt, target_options))
     tgt.check(options)  # before any weights are read
     if precision == "fp32" and (keep_fp32 or not default_keeps):
@@ -123,10 +142,17 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
                          f"not {precision}")
     if calibration is not None and not Path(calibration).is_dir():
         raise InputFileError(f"calibration folder not found: {calibration}")
-    source = load_source(weights, variant, num_classes)
+    source = source or load_source(weights, variant, num_classes)
     h, w = resolve_size(source, img_size)
     options.height, options.width = h, w
-    deploy = _to_deploy(source.model, h, w)
+    reference = source.model
+    if head == "none":
+        from .source import backbone_of
+        reference = backbone_of(source, out_indices, out_norm)
+    elif not source.has_classifier:
+        raise CheckpointError(f"{source.weights.get('name')}: a backbone-only checkpoint (no classifier head): "
+                              "export it with --head none")
+    deploy = _to_deploy(reference, h, w)
     shipped = bool(source.weights.get("shipped"))
     if precision != "fp32":
         options.keeps = resolve_keeps(deploy, tuple(keep_fp32), default_keeps)
@@ -134,7 +160,11 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
         options.calibration = load_calibration(calibration, calibration_size, h, w, source.preprocessing, shipped)
     manifest = base_manifest(source, tgt.key, tgt.runtime, h, w, n, precision, tgt.versions)
     manifest["target_options"] = options.target_options
-    manifest["rewrite_error_rel_l2"] = err = rewrite_error(source.model, deploy, h, w)
+    manifest["head"] = head
+    if head == "none":
+        manifest["outputs"] = reference.outputs(h, w, n or "batch")
+        manifest["out_indices"], manifest["out_norm"] = list(reference.out_indices), bool(out_norm)
+    manifest["rewrite_error_rel_l2"] = err = rewrite_error(reference, deploy, h, w)
     if not err <= REWRITE_MAX_REL_L2:
         raise RewriteError(f"the deploy form differs from the reference by {err:.3g} relative L2 on photos "
                            f"(limit {REWRITE_MAX_REL_L2:g}): refusing to export")
@@ -150,7 +180,7 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
         if not check:
             log.warning("parity not checked here: %s", status.get("note") or f"{tgt.runtime} cannot run here")
             manifest["parity"] = {"status": "not run", "reason": status.get("note")}
-    name = artifact_name(source.model.cfg.name, h, w, n, precision, tgt.suffix)
+    name = artifact_name(source.model.cfg.name, h, w, n, precision, tgt.suffix, backbone=head == "none")
     final = output_path(output, name, tgt.suffix)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
@@ -194,7 +224,7 @@ def _converter_rejects(tmp_name: str, final_name: str):
         raise ExportError(f"the freshly exported artifact was rejected: {str(e).replace(tmp_name, final_name)}") from e
 
 
-def _to_deploy(model: MixFormer, h: int, w: int):
+def _to_deploy(model: torch.nn.Module, h: int, w: int):
     from .deploy import to_deploy
     try:
         return to_deploy(model, (h, w))

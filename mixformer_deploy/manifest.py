@@ -26,10 +26,12 @@ def tool_versions(*dists: str) -> dict:
     return out
 
 
-def artifact_name(variant: str, height: int, width: int, batch: int | None, precision: str, suffix: str) -> str:
-    """DESIGN's contract: mixformer-{variant}-{H}x{W}-{b<N>|dyn}-{precision}{suffix}."""
+def artifact_name(variant: str, height: int, width: int, batch: int | None, precision: str, suffix: str,
+                  backbone: bool = False) -> str:
+    """DESIGN's contract: mixformer-{variant}-{H}x{W}-{b<N>|dyn}-{precision}{suffix}; a backbone (no
+    classifier, feature maps out) adds -backbone before the suffix."""
     b = "dyn" if batch is None else f"b{batch}"
-    return f"mixformer-{variant.lower()}-{height}x{width}-{b}-{precision}{suffix}"
+    return f"mixformer-{variant.lower()}-{height}x{width}-{b}-{precision}{'-backbone' if backbone else ''}{suffix}"
 
 
 def now_iso() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -95,8 +95,10 @@ def resolve_reference(artifact: Path, manifest: dict, weights: str | Path | None
 
     mw = manifest.get("weights") or {}
     sha, seed = mw.get("sha256"), manifest.get("seed")
+    norms = None
     if weights is not None:
         ck = load_checkpoint(weights)
+        norms = ck.out_norms
         if sha and sha != ck.sha256:
             _warn(warnings, f"{Path(weights).name} is not the weights the artifact was exported from "
                             f"(sha256 {ck.sha256[:12]} vs {sha[:12]})")
@@ -115,6 +117,7 @@ def resolve_reference(artifact: Path, manifest: dict, weights: str | Path | None
         raise UsageError(f"{artifact.name} was exported from {mw.get('name') or 'weights'} (sha256 {str(sha)[:12]}), "
                          "not the shipped weights: pass them with --weights")
     check_fit(manifest, ref.model.cfg)
+    ref.model = reference_function(ref.model, manifest, norms, Path(ref.path).name if ref.path else "the weights")
     return ref
 
 
@@ -123,7 +126,24 @@ def given_reference(source, manifest: dict) -> Reference:
     model = getattr(source, "model", source)
     info = getattr(source, "weights", None) or {}
     check_fit(manifest, model.cfg)
+    model = reference_function(model, manifest, getattr(source, "out_norms", None), info.get("name") or "the weights")
     return Reference(model, "model", info.get("name"), info.get("sha256"))
+
+
+def reference_function(model, manifest: dict, out_norms: dict | None, name: str):
+    """What the artifact computes, in PyTorch: the classifier itself, or (a backbone artifact, head
+    "none") its feature maps, with the checkpoint's per-output LayerNorms when it was exported with them."""
+    if manifest.get("head") != "none":
+        return model
+    from .model.backbone import MixFormerBackbone, build_out_norms
+    idx = tuple(manifest.get("out_indices") or range(len(model.cfg.depths)))
+    norms = build_out_norms(model, idx, out_norms or {}, name) if manifest.get("out_norm") else None
+    return MixFormerBackbone(model, idx, norms).eval()
+
+
+def output_names(manifest: dict) -> list[str]:
+    """The artifact's outputs: ["logits"], or a backbone's feature maps."""
+    return [o["name"] for o in manifest.get("outputs") or []] or ["logits"]
 
 
 def _seeded_model(manifest: dict, seed: int):
@@ -202,9 +222,17 @@ def _chunks(x: np.ndarray, size: int, fixed: bool):
 
 
 def run_batched(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> np.ndarray:
-    outs = [np.asarray(runner.run(part), dtype=np.float32)[:n]
-            for part, n in _chunks(x, batch or batch_size, batch is not None)]
-    return np.concatenate(outs)
+    """The first (a classifier's only) output over all of ``x``."""
+    return run_outputs(runner, x, batch, batch_size)[0]
+
+
+def run_outputs(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> list[np.ndarray]:
+    """Every output of the artifact (logits, or a backbone's feature maps) over all of ``x``."""
+    from .runtimes.base import as_outputs
+
+    parts = [[o[:n] for o in as_outputs(runner.run(part))]
+             for part, n in _chunks(x, batch or batch_size, batch is not None)]
+    return [np.concatenate(p) for p in zip(*parts)]
 
 
 def run_stages_batched(runner, x: np.ndarray, batch: int | None) -> dict[str, np.ndarray]:
@@ -449,6 +477,7 @@ class ParityReport:
     versions: dict = field(default_factory=dict)
     created: str = ""
     seconds: float = 0.0            # wall time of the whole check
+    outputs: dict[str, OutputMetrics] | None = None   # a backbone's: each feature map over all inputs
 
     def summary(self) -> dict:
         """The few numbers an artifact's manifest records about its check."""
@@ -464,6 +493,7 @@ class ParityReport:
             "stages": None if self.stages is None else [s.to_dict() for s in self.stages],
             "warnings": self.warnings, "versions": self.versions, "created": self.created,
             "seconds": self.seconds,
+            "outputs": None if self.outputs is None else {k: v.to_dict() for k, v in self.outputs.items()},
         }
 
 
@@ -475,7 +505,9 @@ def _summary(report: "ParityReport") -> dict:
             **{k: getattr(o, k) for k in ("max_abs", "mean_abs", "rel_l2", "cosine", "min_sample_cosine",
                                           "top1_agreement", "top5_agreement", "implied_rtol")},
             "accuracy": accuracy or None, "accuracy_gate": [g.to_dict() for g in report.accuracy] or None, "first_failing_stage": report.first_failing_stage,
-            "runtime": report.runtime, "reference": report.reference.get("source"), "created": report.created}
+            "runtime": report.runtime, "reference": report.reference.get("source"), "created": report.created,
+            **({"outputs": {k: {"max_abs": m.max_abs, "rel_l2": m.rel_l2, "min_sample_cosine": m.min_sample_cosine,
+                                "passed": m.passed} for k, m in report.outputs.items()}} if report.outputs else {})}
 
 
 def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs: Sequence[str] | None = None,
@@ -539,21 +571,44 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     try:
         log.info("parity of %s (%s) against %s on %s", display_name or artifact.name, runner.key, ref.path or "seeded weights",
                  ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
-        outs = {s.name: (run_batched(runner, s.x, batch, batch_size), run_batched(reference, s.x, None, batch_size))
+        names = output_names(manifest)
+        outs = {s.name: (run_outputs(runner, s.x, batch, batch_size), run_outputs(reference, s.x, None, batch_size))
                 for s in sets}
-        all_a = np.concatenate([a for a, _ in outs.values()])
-        all_r = np.concatenate([r for _, r in outs.values()])
+        if any(len(a) != len(names) for a, _ in outs.values()):
+            raise ArtifactError(f"{artifact.name}: {len(next(iter(outs.values()))[0])} output(s), its manifest names "
+                                f"{len(names)} ({', '.join(names)})")
         all_ids = [f"{s.name}/{i}" for s in sets for i in s.ids]
-        overall = compare_outputs(all_a, all_r, tol, ids=all_ids)
-        per_set = {s.name: compare_outputs(*outs[s.name], tol, s.labels, s.ids) for s in sets}
-        gates = [accuracy_gate(s.name, *outs[s.name], s.labels, precision, s.name == "dataset", max_accuracy_drop)
-                 for s in sets if s.labels is not None]
+        if len(names) == 1:
+            outs = {k: (a[0], r[0]) for k, (a, r) in outs.items()}
+            all_a = np.concatenate([a for a, _ in outs.values()])
+            all_r = np.concatenate([r for _, r in outs.values()])
+            overall = compare_outputs(all_a, all_r, tol, ids=all_ids)
+            per_set = {s.name: compare_outputs(*outs[s.name], tol, s.labels, s.ids) for s in sets}
+            per_output, failures = None, overall.failures(tol)
+            gates = [accuracy_gate(s.name, *outs[s.name], s.labels, precision, s.name == "dataset", max_accuracy_drop)
+                     for s in sets if s.labels is not None]
+        else:  # a backbone: every feature map judged on its own by the rule; no top-1, no accuracy
+            tol = replace(tol, gate_top1=False)
+            per_output, per_set, failures = {}, {}, []
+            for k, name in enumerate(names):
+                a = np.concatenate([a[k] for a, _ in outs.values()])
+                r = np.concatenate([r[k] for _, r in outs.values()])
+                per_output[name] = compare_outputs(a, r, tol, ids=all_ids)
+                failures += [f"{name}: {f}" for f in per_output[name].failures(tol)]
+                for s in sets:
+                    per_set[f"{s.name} {name}"] = compare_outputs(outs[s.name][0][k], outs[s.name][1][k], tol, ids=s.ids)
+            overall = max(per_output.values(), key=lambda m: (not m.passed, m.worst_abs / m.bound if m.bound else 0))
+            all_a, all_r = (np.concatenate([np.concatenate([o[k] for o in side]).reshape(sum(len(s.x) for s in sets), -1)
+                                            for k in range(len(names))], axis=1)
+                            for side in ([a for a, _ in outs.values()], [r for _, r in outs.values()]))
+            gates = []
         report = ParityReport(
             artifact=str(artifact), manifest=manifest_summary(manifest), runtime=runner.describe(),
             reference={"source": ref.source, "path": ref.path, "sha256": ref.sha256, **reference.describe()},
             tolerance=asdict(tol), inputs=[{"name": s.name, "count": len(s.x)} for s in sets],
-            sets=per_set, overall=overall, passed=overall.passed and all(g.passed for g in gates),
-            failures=overall.failures(tol) + [
+            sets=per_set, overall=overall, outputs=per_output,
+            passed=overall.passed and all(m.passed for m in (per_output or {}).values()) and all(g.passed for g in gates),
+            failures=failures + [
                 f"accuracy on {g.set}: {g.artifact_errors} of {g.count} misclassified vs {g.reference_errors} by the "
                 f"reference ({g.extra:+d}; {g.rule})" for g in gates if not g.passed], accuracy=gates,
             warnings=warnings, versions=tool_versions(), created=now_iso())

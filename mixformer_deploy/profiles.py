@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import InputFileError
 from .shipped import PROFILE_DIR
 KEYS = {"target", "precision", "batch", "img_size", "check", "keep_fp32", "default_keeps", "calibration",
-        "calibration_size"}
+        "calibration_size", "head", "out_indices", "out_norm"}
 
 
 def load_profile(name_or_path: str) -> dict:

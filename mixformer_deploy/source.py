@@ -28,6 +28,8 @@ class SourceModel:
     labels: list[str] | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     seed: int | None = None
+    has_classifier: bool = True          # False: backbone-only weights (export with head none)
+    out_norms: dict | None = None        # per-output LayerNorm tensors (norm{i}.*) of a detection backbone
 
 
 def load_source(weights: str | Path | None = None, variant: str | None = None,
@@ -48,7 +50,18 @@ def load_source(weights: str | Path | None = None, variant: str | None = None,
     labels = _meta_json(meta, "labels")
     prep = Preprocessing.from_dict(_meta_json(meta, "preprocessing"))
     info = {"name": path.name, "sha256": lc.sha256, "format": lc.format, "shipped": is_shipped(lc.sha256)}
-    return SourceModel(lc.model, info, size, labels, prep)
+    return SourceModel(lc.model, info, size, labels, prep, has_classifier=lc.has_classifier, out_norms=lc.out_norms)
+
+
+def backbone_of(source: SourceModel, out_indices=None, out_norm: bool = False):
+    """The reference backbone (features_0..3, NCHW) of a source model; ``out_norm`` takes the per-output
+    LayerNorms from its checkpoint (CheckpointError naming the missing keys otherwise)."""
+    from .model.backbone import MixFormerBackbone, build_out_norms, parse_out_indices
+
+    idx = parse_out_indices(out_indices, len(source.model.cfg.depths))
+    norms = build_out_norms(source.model, idx, source.out_norms or {}, source.weights.get("name") or "the weights") \
+        if out_norm else None
+    return MixFormerBackbone(source.model, idx, norms).eval()
 
 
 def _meta_json(meta: dict, key: str):

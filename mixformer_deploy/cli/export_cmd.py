@@ -11,17 +11,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import ParityError
+from ..errors import ParityError, UsageError
 from ..targets import keys as target_keys
 from ..targets import option_owners
 from .app import app, quiet, show_progress, console as make_console
 
 GENERIC = "Export"
 TARGET_PANEL = "Target options"
+ALL = "all"  # --target all: every target of the table (mixformer_deploy.export_all)
+BACKBONE = "Backbone (dense tasks)"
 
 
 def export_cmd(
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help=f"{', '.join(target_keys())} (trt = tensorrt).", rich_help_panel=GENERIC)] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help=f"{', '.join(target_keys())} (trt = tensorrt), or all: every target that builds here, one table (--precision may then be a comma list, e.g. fp32,int8).", rich_help_panel=GENERIC)] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="Checkpoint (.safetensors/.pt/.pth/.pdparams). Default: the shipped weights.", rich_help_panel=GENERIC)] = None,
     variant: Annotated[str, typer.Option(help="auto (infer from the weights) or B0..B6; B0..B6 without --weights = seeded random weights.", rich_help_panel=GENERIC)] = "auto",
     img_size: Annotated[Optional[str], typer.Option("--img-size", help="N or HxW (height x width), multiples of 32. Default: the weights' training size, else 224.", rich_help_panel=GENERIC)] = None,
@@ -38,6 +40,10 @@ def export_cmd(
     check: Annotated[Optional[bool], typer.Option("--check/--no-check", help="Run the parity gate after export (exit 1 on failure). Default: where the target's runtime runs here.", rich_help_panel=GENERIC)] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes, for --variant without --weights (default 1000).", rich_help_panel=GENERIC)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON result instead of the path.", rich_help_panel=GENERIC)] = False,
+    head: Annotated[Optional[str], typer.Option("--head", help="classifier (logits out) or none: a backbone for dense tasks, whose outputs are the stages' feature maps (features_0..3, NCHW, strides 4-32).", rich_help_panel=BACKBONE)] = None,
+    out_indices: Annotated[Optional[str], typer.Option("--out-indices", help="--head none: which stages' feature maps, e.g. 1,2,3 (default 0,1,2,3).", rich_help_panel=BACKBONE)] = None,
+    out_norm: Annotated[Optional[bool], typer.Option("--out-norm/--no-out-norm", help="--head none: a LayerNorm per output, with the checkpoint's norm{i} weights (a detection/segmentation checkpoint).", rich_help_panel=BACKBONE)] = None,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="With --target all: then time every artifact that runs here and PyTorch eager in one interleaved run (3 s each).", rich_help_panel=GENERIC)] = False,
     **target_opts,
 ):
     """Export weights to a deployable artifact and check its parity with PyTorch.
@@ -49,6 +55,22 @@ def export_cmd(
     from ..export_api import export
     from ..profiles import load_profile
 
+    if (target or "").strip().lower() == ALL:
+        if profile:
+            raise UsageError("--profile describes one target's export: it does not combine with --target all")
+        given = sorted("--" + k.replace("_", "-") for k, v in target_opts.items() if v is not None)
+        if given:
+            raise UsageError(f"{', '.join(given)}: per-target options do not combine with --target all "
+                             "(export that target alone to use them)")
+        return _export_all(
+            as_json=as_json, weights=weights, variant=variant, img_size=img_size, batch=batch, precision=precision,
+            keep_fp32=tuple(keep_fp32 or ()), default_keeps=default_keeps, calibration=calibration,
+            calibration_size=calibration_size, accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop,
+            output=output, check=check, num_classes=num_classes, head=head, out_indices=out_indices,
+            out_norm=out_norm, bench=bench)
+    if bench:
+        raise UsageError("--bench goes with --target all; to time one artifact: "
+                         "mixformer-deploy bench ARTIFACT --with-reference")
     prof = load_profile(profile) if profile else {}
     pick = lambda value, key, default: value if value is not None else prof.get(key, default)  # noqa: E731
     given_target_opts = {k: pick(v, k, None) for k, v in target_opts.items()}
@@ -60,7 +82,8 @@ def export_cmd(
         num_classes=num_classes, keep_fp32=tuple(keep_fp32 or prof.get("keep_fp32", ())),
         default_keeps=pick(default_keeps, "default_keeps", True), calibration=pick(calibration, "calibration", None),
         calibration_size=pick(calibration_size, "calibration_size", 300), target_options=given_target_opts,
-        accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop)
+        accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop, head=pick(head, "head", "classifier"),
+        out_indices=pick(out_indices, "out_indices", None), out_norm=bool(pick(out_norm, "out_norm", False)))
     if show_progress() and not quiet():
         from rich.console import Console
         with Console(stderr=True).status("exporting and checking..."):
@@ -86,6 +109,80 @@ def export_cmd(
         raise ParityError(f"artifact failed parity; kept for inspection as {result.path}")
     if after is not None and after.error is not None:
         raise after.error
+
+
+def _export_all(as_json: bool, **given) -> None:
+    """--target all (mixformer_deploy.export_all): one table on stdout, or the JSON alone; summary.md in the
+    output directory, whose path is the last line; exit 1 if a built artifact failed its gate."""
+    import sys
+    from contextlib import ExitStack, redirect_stdout
+
+    import logging
+
+    from rich import box
+    from rich.table import Table
+
+    from ..export_all import LEGEND, SHORT_HEADERS, cells, export_all, machine_line, notes
+
+    command = _command_line(target=ALL, **{**given, "variant": None if given["variant"] == "auto" else given["variant"]},
+                            json=as_json)
+    defaults = dict(batch=1, precision="fp32", default_keeps=True, calibration_size=300, head="classifier",
+                    out_norm=False)
+    args = {k: (defaults[k] if v is None and k in defaults else v) for k, v in given.items()}
+    if args["head"] == "classifier" and given["out_indices"] is None and not args["out_norm"]:
+        args = {k: v for k, v in args.items() if k not in ("head", "out_indices", "out_norm")}  # export's defaults
+    args["precisions"] = args.pop("precision")
+    ours = logging.Filter("mixformer_deploy")  # seven converters' info chatter would bury ours: their warnings stay
+    only_ours = lambda record: record.levelno >= logging.WARNING or ours.filter(record)  # noqa: E731
+    with ExitStack() as stack:
+        stack.enter_context(redirect_stdout(sys.stderr))  # stdout carries the table (or the JSON) alone
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(only_ours)
+            stack.callback(handler.removeFilter, only_ours)
+        progress = None
+        if show_progress() and not quiet():
+            from rich.console import Console
+            status = stack.enter_context(Console(stderr=True).status("exporting every target..."))
+            progress = lambda text: status.update(f"export --target all: {text}")  # noqa: E731
+        result = export_all(**args, command=command, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        out = make_console()
+        table = Table(*SHORT_HEADERS, title=f"export --target all: {machine_line(result)}", title_justify="left",
+                      box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+        for column in table.columns:  # the numbers never wrap; the status takes what is left
+            column.no_wrap = column.header != "status"
+            column.min_width = 14 if column.header == "status" else None
+        for row in result.rows:
+            table.add_row(*cells(row, status_width=64))
+        out.print(table)
+        out.print(LEGEND, markup=False, highlight=False)
+        for line in notes(result):
+            out.print(line, markup=False, highlight=False)
+        typer.echo(str(result.summary_path))
+    error = result.error()
+    if error is not None:
+        raise error
+
+
+def _command_line(**options) -> str:
+    """The command as typed (for summary.md): the options that were given, in a fixed order."""
+    import shlex
+
+    args = ["mixformer-deploy", "export"]
+    for key, value in options.items():
+        if value is None or value is False and key not in ("check", "default_keeps", "out_norm") or value == ():
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                args += [flag, str(v)]
+        else:
+            args += [flag, str(value)]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def _with_target_options(func):

@@ -33,8 +33,10 @@ def _pct(v) -> str:
 
 def _metrics_table(report) -> Table:
     """Metrics as rows and input sets as columns, so that it stays readable in 80 columns."""
-    cols = {**report.sets, "all inputs": report.overall}
-    table = Table(title="logits: artifact vs PyTorch float32 reference", title_justify="left")
+    backbone = bool(report.outputs)
+    cols = dict(report.outputs) if backbone else {**report.sets, "all inputs": report.overall}
+    title = ("feature maps (all inputs)" if backbone else "logits") + ": artifact vs PyTorch float32 reference"
+    table = Table(title=title, title_justify="left")
     table.add_column("metric")
     for name in cols:
         table.add_column(name, justify="right")
@@ -53,6 +55,8 @@ def _metrics_table(report) -> Table:
     ]
     for label, cell in rows:
         if label.startswith("accuracy") and all(m.accuracy_reference is None for m in cols.values()):
+            continue
+        if backbone and label.startswith("top-"):  # feature maps have no classes
             continue
         table.add_row(label, *(cell(m) for m in cols.values()))
     return table
@@ -171,6 +175,8 @@ def classify(source: Path, images: list[Path], runtime: str, device: str, top: i
     from ..runtimes import open_runner
 
     manifest = artifact_manifest(source)
+    if manifest.get("head") == "none":
+        raise UsageError(f"{source.name} is a backbone (feature maps, no logits): predict needs a classifier artifact")
     height, width = (int(v) for v in manifest["input_size"])
     prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
     labels = manifest.get("labels")

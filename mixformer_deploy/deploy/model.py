@@ -118,6 +118,8 @@ class DeployMixFormer(nn.Module):
         self.norm, self.last_proj, self.activate, self.head = ref.norm, ref.last_proj, ref.activate, ref.head
         self.pool = TokenMean(h * w)
 
+    output_names = ["logits"]   # the artifact's outputs: the last len(output_names) of stage_tensors
+
     def stage_tensors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """stem and each stage's output as (B*H*W, C) tokens, features, logits: raw, no debug-only ops."""
         x = self.patch_embed(x)
@@ -145,6 +147,48 @@ class DeployMixFormer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage_tensors(x)[-1]
+
+
+class DeployBackbone(DeployMixFormer):
+    """The deploy form as a dense-task backbone: the same stages (and module names, which precision keeps
+    and per-target scopes match), each chosen stage's tokens returned as an NCHW map (after its LayerNorm
+    when the backbone has out norms); the classifier and the stages past the last output are dropped."""
+
+    def __init__(self, ref: MixFormer, height: int, width: int, out_indices: tuple[int, ...],
+                 out_norms: nn.ModuleDict | None = None):
+        super().__init__(ref, height, width)
+        last = max(out_indices)
+        self.out_indices = tuple(out_indices)
+        self.stages, self.merges = self.stages[:last + 1], self.merges[:last]
+        self.stage_sizes = self.stage_sizes[:last + 1]
+        self.norm = self.last_proj = self.activate = self.head = self.pool = None
+        self.out_norms = out_norms
+        self.output_names = [f"features_{i}" for i in self.out_indices]
+
+    def feature_map(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.out_norms is not None:
+            x = self.out_norms[str(i)](x)
+        h, w = self.stage_sizes[i]
+        return x.reshape(-1, h, w, x.shape[-1]).permute(0, 3, 1, 2)
+
+    def stage_tensors(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """stem and stage0..K tokens, then the feature maps (NCHW) in out_indices order."""
+        x = self.patch_embed(x)
+        outs, feats = [x], []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            outs.append(x)
+            if i in self.out_indices:
+                feats.append(self.feature_map(i, x))
+            if i < len(self.merges):
+                x = self.merges[i](x)
+        return outs + feats
+
+    def stage_names(self) -> list[str]:
+        return ["stem", *(f"stage{i}" for i in range(len(self.stages))), *self.output_names]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.stage_tensors(x)[-len(self.output_names):])
 
 
 def to_reference_layout(stages: dict, layout: dict) -> dict:

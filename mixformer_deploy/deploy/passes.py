@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import RewriteError
 from ..model.mixformer import MixFormer
 from .layers import ChannelBias, ConstantBias, RelativeBiasLookup, TokenBatchNorm, WindowAttention
-from .model import DeployBlock, DeployMerge, DeployMixFormer
+from .model import DeployBackbone, DeployBlock, DeployMerge, DeployMixFormer
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +31,11 @@ def _require(count: int, name: str) -> int:
 def restructure(model: MixFormer, height: int, width: int) -> DeployMixFormer:
     """Static NHWC graph with rank <= 5 window ops and static padding (a deep copy: the reference is
     untouched). Why: exporters otherwise emit shape arithmetic, rank-6 transposes and runtime padding."""
+    from ..model.backbone import MixFormerBackbone
+
+    if isinstance(model, MixFormerBackbone):
+        return DeployBackbone(copy.deepcopy(model.model).eval(), height, width, model.out_indices,
+                              copy.deepcopy(model.out_norms)).eval()
     if not isinstance(model, MixFormer):
         raise RewriteError(f"to_deploy expects a MixFormer, got {type(model).__name__}")
     return DeployMixFormer(copy.deepcopy(model).eval(), height, width).eval()
@@ -71,7 +76,8 @@ def fold_merge_batchnorm(model: nn.Module) -> int:
             m.reduction.weight.copy_(w * scale.reshape(1, -1, 1, 1))
             m.norm = nn.Identity()
             count += 1
-    return _require(count, "fold_merge_batchnorm")
+    return count if not any(isinstance(m, DeployMerge) for m in model.modules()) else \
+        _require(count, "fold_merge_batchnorm")  # a backbone of stage 0 alone has no merge
 
 
 @torch.no_grad()

@@ -202,6 +202,8 @@ def to_xnnpack(deploy: DeployMixFormer) -> DeployMixFormer:
     if isinstance(model.pool, TokenMean):
         model.pool = XnnTokenMean(model.pool.tokens)
         counts["pool"] += 1
+    elif model.pool is None:  # a backbone: no pooling
+        del counts["pool"]
     missing = [k for k, v in counts.items() if not v]
     if missing:
         raise RewriteError(f"to_xnnpack found nothing to rewrite for {', '.join(missing)}: "

@@ -173,7 +173,10 @@ class AotiRunner(Runner):
 
     @staticmethod
     def _first(out):
-        return out[0] if isinstance(out, (list, tuple)) else out
+        """The package's outputs: the logits, or a backbone's tuple of feature maps."""
+        if isinstance(out, (list, tuple)):
+            return out[0] if len(out) == 1 else tuple(out)
+        return out
 
     @torch.no_grad()
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -188,7 +191,7 @@ class AotiRunner(Runner):
         else:
             y = self._call(x)
         try:
-            return y.float().cpu().numpy()
+            return tuple(t.float().cpu().numpy() for t in y) if isinstance(y, tuple) else y.float().cpu().numpy()
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: inference failed on input {batch.shape} ({one_line(e, 200)})") from e
 

@@ -60,8 +60,9 @@ class Runner(ABC):
                 "can_run": False, "devices": [], "note": f'not installed: pip install "mixformer-deploy[{cls.extra}]"'}
 
     @abstractmethod
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """NCHW float32 normalized images -> logits, as numpy float32."""
+    def run(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """NCHW float32 normalized images -> the artifact's outputs as numpy float32: the logits, or a
+        backbone's feature maps as a tuple in the manifest's output order."""
 
     def run_fixed(self, batch: np.ndarray, shape: tuple, run_one) -> np.ndarray:
         """Run a program compiled for one input ``shape`` on a batch that is a multiple of its batch size:
@@ -73,10 +74,11 @@ class Runner(ABC):
         if x.shape[1:] != tuple(shape[1:]) or x.shape[0] % b:
             raise ArtifactError(f"{Path(self.path).name}: takes batches of {tuple(shape)}, not {x.shape}")
         try:
-            outs = [np.array(run_one(x[i:i + b])) for i in range(0, x.shape[0], b)]
+            outs = [as_outputs(run_one(x[i:i + b])) for i in range(0, x.shape[0], b)]
         except Exception as e:
             raise ArtifactError(f"{Path(self.path).name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        joined = tuple(np.concatenate(parts).astype(np.float32, copy=False) for parts in zip(*outs))
+        return joined[0] if len(joined) == 1 else joined
 
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Per-stage debug outputs (stem, stage0..N, features, logits) in the reference layout, for
@@ -91,6 +93,12 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release sessions and device memory."""
+
+
+def as_outputs(value) -> list[np.ndarray]:
+    """A runner's result (one array, or a backbone's several) -> a list of float32 arrays."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return [np.asarray(v, dtype=np.float32) for v in items]
 
 
 def parse_runtime_options(items: list[str] | None) -> dict[str, str]:

@@ -22,6 +22,8 @@ from ..backends import version_of
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
 from .base import Runner
 
+FEATURES = "features_"   # a backbone's outputs: features_0 ... features_3
+
 NEEDS_MACOS = "Core ML prediction needs macOS"
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
 
@@ -51,8 +53,8 @@ class CoreMlRunner(Runner):
         self.device = f"coreml:{compute_units}"
         inputs = [d.name for d in spec.description.input]
         outputs = [d.name for d in spec.description.output]
-        self.plain = inputs[:1] == [INPUT] and outputs[:1] == [LOGITS]
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.plain = inputs[:1] == [INPUT] and (outputs[:1] == [LOGITS] or outputs[0].startswith(FEATURES))
+        self.input_name, self.output_name, self.output_names = inputs[0], outputs[0], outputs
         self.fixed_batch = None
         first = spec.description.input[0].type
         if first.WhichOneof("Type") == "multiArrayType" and not first.multiArrayType.HasField("shapeRange"):
@@ -111,7 +113,9 @@ class CoreMlRunner(Runner):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if self.fixed_batch and x.shape[0] != self.fixed_batch:
             raise UsageError(f"{self.path.name} takes batches of {self.fixed_batch}, not {x.shape[0]}")
-        return np.asarray(self.predict({self.input_name: x})[self.output_name], dtype=np.float32)
+        result = self.predict({self.input_name: x})
+        outs = tuple(np.asarray(result[n], dtype=np.float32) for n in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
 
     def describe(self) -> dict:
         return {**super().describe(), "compute_units": self.compute_units, "macos": platform.mac_ver()[0]}
@@ -258,7 +262,7 @@ class MilReference:
         spec = read_spec(self.path)
         names_in = [d.name for d in spec.description.input]
         names_out = [d.name for d in spec.description.output]
-        if names_in[:1] != [INPUT] or names_out[:1] != [LOGITS]:
+        if names_in[:1] != [INPUT] or not (names_out[:1] == [LOGITS] or names_out[0].startswith(FEATURES)):
             raise UsageError(f"{self.path.name}: the numpy reference evaluates the plain form only")
         first = spec.description.input[0].type.multiArrayType
         self.fixed_batch = None if first.HasField("shapeRange") else int(first.shape[0])
@@ -273,7 +277,9 @@ class MilReference:
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         step = self.fixed_batch or len(x)
-        return np.concatenate([self._run(x[i:i + step]) for i in range(0, len(x), step)])
+        parts = [self._run(x[i:i + step]) for i in range(0, len(x), step)]
+        outs = tuple(np.concatenate(p) for p in zip(*parts))
+        return outs[0] if len(outs) == 1 else outs
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         from coremltools.converters.mil.mil import types
@@ -298,7 +304,7 @@ class MilReference:
             result = _op(op, lambda name: value(op.inputs.get(name)))
             for var, r in zip(op.outputs, result if isinstance(result, tuple) else (result,)):
                 env[var.name] = _round(np.asarray(r), types.builtin_to_string(var.dtype))
-        return np.asarray(env[self.fn.outputs[0].name], dtype=np.float32)
+        return [np.asarray(env[v.name], dtype=np.float32) for v in self.fn.outputs]
 
 
 def _round(x: np.ndarray, dtype: str | None) -> np.ndarray:

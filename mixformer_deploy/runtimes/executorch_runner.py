@@ -54,7 +54,7 @@ class ExecuTorchRunner(Runner):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.run_fixed(batch, self.input_shape,
-                              lambda part: self.method.execute([self.torch.from_numpy(part)])[0].numpy())
+                              lambda part: [o.numpy() for o in self.method.execute([self.torch.from_numpy(part)])])
 
     def describe(self) -> dict:
         d = super().describe()

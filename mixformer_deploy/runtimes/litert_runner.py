@@ -37,7 +37,7 @@ class LiteRtRunner(Runner):
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: LiteRT cannot load it ({one_line(e, 200)})") from e
         self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self.outputs = _in_manifest_order(self.interpreter.get_output_details(), manifest)
         self.input_shape = tuple(int(d) for d in self.input["shape"])
 
     @classmethod
@@ -54,10 +54,21 @@ class LiteRtRunner(Runner):
     def _invoke(self, part: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input["index"], part)
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output["index"])
+        return [self.interpreter.get_tensor(o["index"]) for o in self.outputs]
 
     def describe(self) -> dict:
         return {**super().describe(), "delegate": "XNNPACK" if self.xnnpack else None}
 
     def close(self) -> None:
         self.interpreter = None
+
+
+def _in_manifest_order(details: list[dict], manifest: dict) -> list[dict]:
+    """A .tflite's outputs in the manifest's order: LiteRT names them by signature position, not by
+    the exporter's names, so a backbone's feature maps are matched by their (distinct) shapes."""
+    wanted = [o.get("shape") for o in manifest.get("outputs") or []]
+    if len(details) <= 1 or len(wanted) != len(details):
+        return list(details)
+    by_shape = {tuple(int(v) for v in d["shape"][1:]): d for d in details}
+    picked = [by_shape.get(tuple(int(v) for v in shape[1:])) for shape in wanted]
+    return picked if all(p is not None for p in picked) and len(by_shape) == len(details) else list(details)

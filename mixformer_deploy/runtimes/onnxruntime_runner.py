@@ -84,7 +84,8 @@ class OnnxRuntimeRunner(Runner):
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            return self.session.run(None, {self.input_name: x})[0]
+            outs = self.session.run(None, {self.input_name: x})
+            return outs[0] if len(outs) == 1 else tuple(outs)
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
 
@@ -102,8 +103,9 @@ class OnnxRuntimeRunner(Runner):
             for name in tensors.values():
                 model.graph.output.append(onnx.ValueInfoProto(name=name))
             self._debug_session = self._session(model.SerializeToString())
-        names = ["logits", *tensors]
-        outs = self._debug_session.run([self.session.get_outputs()[0].name, *tensors.values()],
+        outputs = [o.name for o in self.session.get_outputs()]
+        names = [*outputs, *tensors]
+        outs = self._debug_session.run([*outputs, *tensors.values()],
                                        {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         result = {k: np.asarray(v, dtype=np.float32) for k, v in zip(names, outs)}
         return to_reference_layout(result, stages) if stages.get("layout") == "tokens" else result

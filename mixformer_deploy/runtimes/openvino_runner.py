@@ -71,6 +71,7 @@ class OpenVinoRunner(Runner):
             raise ArtifactError(f"{self.path.name}: OpenVINO cannot read {XML} + {BIN} ({one_line(e, 200)})") from e
         self.compiled = self._compile(self.model)
         self.request = self.compiled.create_infer_request()
+        self.n_outputs = len(self.model.outputs)
         self._debug = None
 
     @classmethod
@@ -123,7 +124,9 @@ class OpenVinoRunner(Runner):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
             self.request.infer({0: x})
-            return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+            outs = tuple(np.array(self.request.get_output_tensor(i).data, dtype=np.float32, copy=True)
+                         for i in range(self.n_outputs))
+            return outs[0] if len(outs) == 1 else outs
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
 
@@ -143,8 +146,9 @@ class OpenVinoRunner(Runner):
                 return super().run_stages(batch)
             self._debug = self._compile(model).create_infer_request()
         self._debug.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        result = {"logits": np.array(self._debug.get_output_tensor(0).data, dtype=np.float32, copy=True)}
-        for i, name in enumerate(tensors, start=1):
+        result = {port.get_any_name(): np.array(self._debug.get_output_tensor(i).data, dtype=np.float32, copy=True)
+                  for i, port in enumerate(self.model.outputs)}
+        for i, name in enumerate(tensors, start=self.n_outputs):
             result[name] = np.array(self._debug.get_output_tensor(i).data, dtype=np.float32, copy=True)
         return to_reference_layout(result, stages) if stages.get("layout") == "tokens" else result
 

@@ -121,7 +121,8 @@ class TensorRtRunner(Runner):
         if not ok:
             raise ArtifactError(f"{self.path.name}: TensorRT inference failed on input {tuple(x.shape)}")
         self.gpu_ms.append(start.elapsed_time(end))
-        return outs[self.outputs[0]].float().cpu().numpy()
+        result = tuple(outs[o].float().cpu().numpy() for o in self.outputs)
+        return result[0] if len(result) == 1 else result
 
     def sync(self) -> None:
         self.stream.synchronize()

@@ -102,9 +102,9 @@ class TorchRunner(Runner):
             key = ("graph", *batch.shape[-2:])
             if key not in self._models:
                 from .cuda_graphs import CudaGraphed
-                self._models[key] = CudaGraphed(lambda t, m=model: m(t).float(), self._dev)
-            return self._models[key](x).cpu().numpy()
-        return model(x).float().cpu().numpy()
+                self._models[key] = CudaGraphed(lambda t, m=model: _float(m(t)), self._dev)
+            return _numpy(self._models[key](x))
+        return _numpy(_float(model(x)))
 
     @torch.no_grad()
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -119,3 +119,12 @@ class TorchRunner(Runner):
     def describe(self) -> dict:
         return {**super().describe(), "form": "deploy" if self.deploy else "reference",
                 "cuda_graphs": self._dev.type == "cuda" and self.cuda_graphs}
+
+
+def _float(out):
+    """A module's output (logits, or a backbone's tuple of feature maps) in float32."""
+    return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+def _numpy(out):
+    return tuple(o.cpu().numpy() for o in out) if isinstance(out, (tuple, list)) else out.cpu().numpy()

@@ -129,7 +129,8 @@ class _Exportable(torch.nn.Module):
         self.deploy, self.dtype = deploy, dtype
 
     def forward(self, x):
-        return self.deploy(x.to(self.dtype)).float()
+        y = self.deploy(x.to(self.dtype))
+        return tuple(t.float() for t in y) if isinstance(y, tuple) else y.float()
 
 
 class AotiTarget(Target):
@@ -278,8 +279,10 @@ class AotiTarget(Target):
             "machine": facts.get("AOTI_MACHINE"), "cpu_isa": facts.get("AOTI_CPU_ISA") or None,
             "compute_capability": facts.get("AOTI_COMPUTE_CAPABILITY") or None,
             "inputs": [{"name": "input", "dtype": "fp32", "shape": [batch if isinstance(batch, int) else "batch", 3, h, w]}],
-            "outputs": [{"name": "logits", "dtype": "fp32",
-                         "shape": [batch if isinstance(batch, int) else "batch", manifest.get("num_classes")]}],
+            "outputs": [{"name": o["name"], "dtype": "fp32", "shape": o["shape"]} for o in manifest["outputs"]]
+            if manifest.get("outputs") else [{"name": "logits", "dtype": "fp32",
+                                               "shape": [batch if isinstance(batch, int) else "batch",
+                                                         manifest.get("num_classes")]}],
             # a histogram like other targets': library calls by op, plus the kernels inductor generated
             "ops": {**dict(sorted(calls.items())), "generated fused kernels": len(fused)},
             "max_rank": None,

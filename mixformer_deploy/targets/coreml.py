@@ -265,7 +265,11 @@ class CoreMlTarget(Target):
                                    color_layout=ct.colorlayout.RGB)]
         else:
             inputs = [ct.TensorType(name=INPUT, shape=shape, dtype=np.float32)]
-        outputs = None if classifier else [ct.TensorType(name=LOGITS, dtype=np.float32)]
+        from .onnx import output_names
+        names = output_names(deploy_model)
+        if classifier and names != [LOGITS]:
+            raise UsageError("--classifier needs logits: a backbone (--head none) has feature maps")
+        outputs = None if classifier else [ct.TensorType(name=n, dtype=np.float32) for n in names]
         classifier_config = ct.ClassifierConfig(_labels(manifest)) if classifier else None
 
         pipeline = pass_pipeline()
@@ -345,8 +349,10 @@ class CoreMlTarget(Target):
         model.author = AUTHOR
         model.license = LICENSE
         model.version = str((manifest.get("versions") or {}).get("mixformer-deploy") or "")
-        model.short_description = (f"MixFormer {variant} image classifier, {h}x{w}, "
-                                   f"{manifest.get('num_classes')} classes, {manifest.get('precision')} "
+        backbone = manifest.get("head") == "none"
+        what = "backbone (multi-scale feature maps)" if backbone else \
+            f"image classifier, {manifest.get('num_classes')} classes"
+        model.short_description = (f"MixFormer {variant} {what}, {h}x{w}, {manifest.get('precision')} "
                                    "(exported by mixformer-deploy)")
         if image:
             model.input_description[IMAGE_INPUT] = "RGB image, resized to the model's input size"
@@ -356,6 +362,10 @@ class CoreMlTarget(Target):
         if classifier:
             model.output_description[CLASS_LABEL] = "most probable label"
             model.output_description[PROBABILITIES] = "label -> probability (softmax of the logits)"
+        elif backbone:
+            for o in manifest.get("outputs") or []:
+                model.output_description[o["name"]] = (f"stage feature map, NCHW, {o['channels']} channels, "
+                                                       f"stride {o['stride']}")
         else:
             model.output_description[LOGITS] = "class logits (before softmax)"
         meta = model.user_defined_metadata

@@ -34,8 +34,8 @@ SHAPE_OPS = {"Constant", "Shape", "Reshape", "Cast", "Identity", "Transpose", "S
 
 
 class _Exportable(torch.nn.Module):
-    """Logits first, then (for the localizer) the raw per-stage tensors; reduced precision inside and
-    float32 at the edges."""
+    """The outputs (logits, or a backbone's feature maps) first, then (for the localizer) the raw
+    per-stage tensors; reduced precision inside and float32 at the edges."""
 
     def __init__(self, deploy: torch.nn.Module, dtype: torch.dtype, debug: bool):
         super().__init__()
@@ -43,8 +43,17 @@ class _Exportable(torch.nn.Module):
 
     def forward(self, x):
         outs = self.deploy.stage_tensors(x.to(self.dtype))
+        n = len(output_names(self.deploy))
+        main = tuple(o.float() for o in outs[-n:])
         # debug tensors stay as computed (a Cast to float32 for them would be dropped with the debug outputs)
-        return (outs[-1].float(), *outs[:-1]) if self.debug else outs[-1].float()
+        if self.debug:
+            return (*main, *outs[:-n])
+        return main if n > 1 else main[0]
+
+
+def output_names(deploy: torch.nn.Module) -> list[str]:
+    """The artifact's outputs: ["logits"], or a backbone's ["features_0", ...] (the deploy form says)."""
+    return list(getattr(deploy, "output_names", None) or ["logits"])
 
 
 def _drop_dead_nodes(graph) -> None:
@@ -203,13 +212,14 @@ def _from_dq(model, tensor: str) -> bool:
 
 
 def export_onnx(deploy_model, options: ExportOptions, manifest: dict):
-    """The deploy form (with its precision keeps at fp16) -> a simplified ONNX ModelProto, logits only;
+    """The deploy form (with its precision keeps at fp16) -> a simplified ONNX ModelProto, its outputs only;
     the per-stage tensor names go into the manifest for localization."""
     onnx = require("onnx", "onnx")
     from ..deploy.precision import with_keeps
 
     opset = options.opt("opset") or DEFAULT_OPSET
-    names = deploy_model.stage_names()[:-1]
+    outputs = output_names(deploy_model)
+    names = deploy_model.stage_names()[:-len(outputs)]
     debug_names = [DEBUG_PREFIX + n for n in names] if options.debug_outputs else []
     if options.precision == "fp16":
         inner, dtype = with_keeps(deploy_model, torch.float16, options.keeps), torch.float16
@@ -217,13 +227,13 @@ def export_onnx(deploy_model, options: ExportOptions, manifest: dict):
         inner, dtype = deploy_model, torch.float32
     module = _Exportable(inner, dtype, options.debug_outputs).eval()
     example = torch.zeros(options.batch or 2, 3, options.height, options.width)
-    dynamic = {n: {0: "batch"} for n in ["input", "logits", *debug_names]} if options.batch is None else None
+    dynamic = {n: {0: "batch"} for n in ["input", *outputs, *debug_names]} if options.batch is None else None
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["logits", *debug_names],
+                              input_names=["input"], output_names=[*outputs, *debug_names],
                               dynamic_axes=dynamic, do_constant_folding=True)
         model = onnx.load_from_string(buf.getvalue())
     except Exception as e:
@@ -235,7 +245,7 @@ def export_onnx(deploy_model, options: ExportOptions, manifest: dict):
             model = slim.slim(model)
         except Exception as e:
             raise ExportError(f"onnxslim failed: {one_line(e)}") from e
-    if options.debug_outputs:  # keep the stage tensors' names, but ship logits only
+    if options.debug_outputs:  # keep the stage tensors' names, but ship the outputs only
         kept = [o for o in model.graph.output if not o.name.startswith(DEBUG_PREFIX)]
         del model.graph.output[:]
         model.graph.output.extend(kept)

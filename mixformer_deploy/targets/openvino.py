@@ -224,7 +224,9 @@ class OpenVinoTarget(Target):
             raise ExportError(f"OpenVINO's ONNX frontend failed on the deploy form: {one_line(e)}") from e
         finally:
             src.unlink(missing_ok=True)
-        model.outputs[0].get_tensor().set_names({"logits"})
+        from .onnx import output_names
+        for port, name in zip(model.outputs, output_names(deploy_model)):
+            port.get_tensor().set_names({name})
         facts: dict = {"openvino": {"source": "deploy-form ONNX via Core.read_model",
                                     "compress_to_fp16": options.precision == "fp16"}}
         graph = options.opt("nncf_graph") or "frontend"
