@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python benchmarks/aoti_bench.py
 	$(BIN)/python benchmarks/mobile_bench.py
 	$(BIN)/python benchmarks/onnx_fp16_keeps.py
+	$(BIN)/python benchmarks/backbone_bench.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -17,7 +17,6 @@ Writes results/mobile-<machine-slug>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace

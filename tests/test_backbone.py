@@ -60,7 +60,11 @@ def test_out_indices_drop_the_unused_stages_and_the_classifier(tiny):
     assert not any(k.startswith(("head.", "last_proj.")) for k in dep.state_dict())
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+LARGE = pytest.mark.slow  # the two largest sizes take ~15 s each on 2 cores: in the slow suite
+
+
+@pytest.mark.parametrize("size", [SIZES[0], SIZES[3], pytest.param(SIZES[1], marks=LARGE),
+                                  pytest.param(SIZES[2], marks=LARGE)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("batch", [1, "dynamic"])
 def test_onnx_backbone_reproduces_the_reference(tiny, size, batch, tmp_path):
     h, w = size
@@ -87,7 +91,8 @@ def test_backbone_manifest_names_channels_and_strides(tmp_path):
     assert m["parity"]["outputs"]["features_3"]["passed"] is True
 
 
-@pytest.mark.parametrize("target,precision", [("onnx", "fp16"), ("openvino", "fp32"), ("litert", "fp32"),
+@pytest.mark.parametrize("target,precision", [("onnx", "fp16"), ("openvino", "fp32"),
+                                              pytest.param("litert", "fp32", marks=pytest.mark.slow),
                                               ("tensorrt", "fp16")])
 def test_every_target_passes_parity_per_output(target, precision, tmp_path):
     pytest.importorskip({"onnx": "onnx", "openvino": "openvino", "litert": "ai_edge_litert",
@@ -204,3 +209,14 @@ def test_predict_refuses_a_backbone(tmp_path):
     imsave(tmp_path / "cat.png", skdata.chelsea())
     r, code = _cli("predict", tmp_path / "cat.png", "--artifact", path)
     assert code == 2 and "backbone" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_int8_backbone_of_the_shipped_weights_passes_the_per_tensor_int8_rule(target, tmp_path):
+    pytest.importorskip(target)
+    r = export(None, target=target, precision="int8", head="none", output=tmp_path)
+    assert r.passed, r.parity.failures
+    assert r.parity.tolerance["min_cosine"] == 0.4 and r.parity.accuracy == []
+    # in-distribution images (the held-out digits) keep every feature map close
+    assert all(m.cosine > 0.95 for k, m in r.parity.sets.items() if k.startswith("dataset"))

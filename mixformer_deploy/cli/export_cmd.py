@@ -51,6 +51,9 @@ def export_cmd(
     With no arguments: the shipped weights to ONNX (fp32, batch 1) in ./artifacts/, checked.
     The last line printed is the artifact's path. A failing artifact is kept as <name>.failed and the
     command exits 1.
+
+    --target all: every target that builds here, one table, summary.md in --output (its path is the last
+    line); exit 1 if any artifact fails its gate.
     """
     from ..export_api import export
     from ..profiles import load_profile
