@@ -337,7 +337,8 @@ def _row_of(res, tgt, precision: str, shipped: bool, elsewhere: "_Commands") -> 
     report = res.parity
     if report is not None:
         o = report.overall
-        row.max_abs, row.cosine, row.top1_agreement = o.max_abs, o.min_sample_cosine, o.top1_agreement
+        row.max_abs, row.cosine = o.max_abs, o.min_sample_cosine  # a backbone's: its worst feature map's
+        row.top1_agreement = None if report.outputs else o.top1_agreement  # feature maps have no classes
         held_out = report.sets.get("dataset")
         if shipped and held_out is not None and held_out.accuracy_reference is not None:
             row.accuracy, row.accuracy_reference = held_out.accuracy_artifact, held_out.accuracy_reference
