@@ -256,11 +256,18 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
+    rows_md: list[str] = []
+    docs: list[dict] = []
+    for v in args.variants.split(","):
+        for b in args.batches.split(","):
+            docs.append(run_variant(v.strip().upper(), int(b), args, rows_md))
+            path = write_results(docs, rows_md, args)  # after each run: a stopped benchmark keeps what it measured
+    print(path)
+
+
+def write_results(docs: list[dict], rows_md: list[str], args) -> Path:
     from mixformer_deploy.artifact import write_json_atomic
 
-    rows_md: list[str] = []
-    docs = [run_variant(v.strip().upper(), int(b), args, rows_md)
-            for v in args.variants.split(",") for b in args.batches.split(",")]
     env = docs[0]["environment"]
     slug = docs[0]["machine"]["slug"]
     result = {"schema": "mixformer-deploy/openvino-bench/1", "machine": docs[0]["machine"],
@@ -292,7 +299,7 @@ def main() -> None:
     from mixformer_deploy.reports.markdown import bench_markdown
     lines += ["## Full results", "", bench_markdown(docs)]
     (args.out / f"openvino-{slug}.md").write_text("\n".join(lines) + "\n")
-    print(args.out / f"openvino-{slug}.md")
+    return args.out / f"openvino-{slug}.md"
 
 
 if __name__ == "__main__":

@@ -212,9 +212,9 @@ def test_predict_refuses_a_backbone(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino"])
+@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch", "litert"])
 def test_int8_backbone_of_the_shipped_weights_passes_the_per_tensor_int8_rule(target, tmp_path):
-    pytest.importorskip(target)
+    pytest.importorskip({"litert": "ai_edge_litert"}.get(target, target))
     r = export(None, target=target, precision="int8", head="none", output=tmp_path)
     assert r.passed, r.parity.failures
     assert r.parity.tolerance["min_cosine"] == 0.4 and r.parity.accuracy == []

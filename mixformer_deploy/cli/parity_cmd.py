@@ -77,9 +77,10 @@ def print_report(report, console: Console) -> None:
     ref_name = Path(ref["path"]).name if ref.get("path") else "seeded random weights"
     console.print(f"[bold]{Path(report.artifact).name}[/bold]  runtime {rt.get('runtime')} on {rt.get('device')} "
                   f"({rt.get('precision')})  reference: {ref_name} ({ref['source']}), PyTorch float32")
+    top1 = (f"each of the {len(report.outputs)} feature maps on its own" if report.outputs else
+            f"top-1 gated on {o.gated} of {o.count} inputs whose margin exceeds their bound")
     console.print(f"rule, per input: max|a-r| <= atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|r| of that input "
-                  f"and cosine >= {tol['min_cosine']:g}; top-1 gated on {o.gated} of {o.count} inputs "
-                  "whose margin exceeds their bound")
+                  f"and cosine >= {tol['min_cosine']:g}; {top1}")
     console.print(_metrics_table(report))
     console.print(f"observed: max|a-r| {o.max_abs:.3g}, implying rtol {o.implied_rtol:.3g} at atol 0; worst input "
                   f"{o.worst_input_name or o.worst_input} (max|a-r| {o.worst_abs:.3g} vs bound {o.bound:.3g}); "

@@ -149,6 +149,20 @@ class DeployMixFormer(nn.Module):
         return self.stage_tensors(x)[-1]
 
 
+class FeatureMap(nn.Module):
+    """(B*H*W, C) tokens -> an NCHW feature map, after the output's LayerNorm if it has one. A module of its
+    own so that targets can keep a backbone's outputs in float32 by name (``feature_maps``)."""
+
+    def __init__(self, height: int, width: int, norm: nn.Module | None = None):
+        super().__init__()
+        self.h, self.w, self.norm = height, width, norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        return x.reshape(-1, self.h, self.w, x.shape[-1]).permute(0, 3, 1, 2)
+
+
 class DeployBackbone(DeployMixFormer):
     """The deploy form as a dense-task backbone: the same stages (and module names, which precision keeps
     and per-target scopes match), each chosen stage's tokens returned as an NCHW map (after its LayerNorm
@@ -162,14 +176,9 @@ class DeployBackbone(DeployMixFormer):
         self.stages, self.merges = self.stages[:last + 1], self.merges[:last]
         self.stage_sizes = self.stage_sizes[:last + 1]
         self.norm = self.last_proj = self.activate = self.head = self.pool = None
-        self.out_norms = out_norms
+        self.feature_maps = nn.ModuleDict({str(i): FeatureMap(*self.stage_sizes[i], None if out_norms is None
+                                                              else out_norms[str(i)]) for i in self.out_indices})
         self.output_names = [f"features_{i}" for i in self.out_indices]
-
-    def feature_map(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.out_norms is not None:
-            x = self.out_norms[str(i)](x)
-        h, w = self.stage_sizes[i]
-        return x.reshape(-1, h, w, x.shape[-1]).permute(0, 3, 1, 2)
 
     def stage_tensors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """stem and stage0..K tokens, then the feature maps (NCHW) in out_indices order."""
@@ -179,7 +188,7 @@ class DeployBackbone(DeployMixFormer):
             x = stage(x)
             outs.append(x)
             if i in self.out_indices:
-                feats.append(self.feature_map(i, x))
+                feats.append(self.feature_maps[str(i)](x))
             if i < len(self.merges):
                 x = self.merges[i](x)
         return outs + feats

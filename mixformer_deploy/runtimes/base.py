@@ -82,8 +82,10 @@ class Runner(ABC):
 
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Per-stage debug outputs (stem, stage0..N, features, logits) in the reference layout, for
-        localizing a parity failure. Runners that cannot expose them return only the logits."""
-        return {"logits": self.run(batch)}
+        localizing a parity failure. Runners that cannot expose them return only the logits (a backbone's
+        feature maps: nothing, as they are not stages)."""
+        out = self.run(batch)
+        return {} if isinstance(out, tuple) else {"logits": out}
 
     def sync(self) -> None:
         """Wait for queued device work (GPU runners override); timing calls it after each run."""

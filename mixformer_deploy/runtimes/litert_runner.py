@@ -54,7 +54,7 @@ class LiteRtRunner(Runner):
     def _invoke(self, part: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input["index"], part)
         self.interpreter.invoke()
-        return [self.interpreter.get_tensor(o["index"]) for o in self.outputs]
+        return [_dequantized(self.interpreter.get_tensor(o["index"]), o) for o in self.outputs]
 
     def describe(self) -> dict:
         return {**super().describe(), "delegate": "XNNPACK" if self.xnnpack else None}
@@ -72,3 +72,12 @@ def _in_manifest_order(details: list[dict], manifest: dict) -> list[dict]:
     by_shape = {tuple(int(v) for v in d["shape"][1:]): d for d in details}
     picked = [by_shape.get(tuple(int(v) for v in shape[1:])) for shape in wanted]
     return picked if all(p is not None for p in picked) and len(by_shape) == len(details) else list(details)
+
+
+def _dequantized(t: np.ndarray, detail: dict) -> np.ndarray:
+    """An int8 output (the converter leaves a quantized backbone's inner feature maps int8: the form an int8
+    detection head takes) -> float32 through its scale and zero point; float outputs unchanged."""
+    scale, zero = detail.get("quantization") or (0.0, 0)
+    if t.dtype.kind in "iu" and scale:
+        return (t.astype(np.float32) - zero) * np.float32(scale)
+    return t
