@@ -208,7 +208,8 @@ def run_variant(variant: str, batch: int, args, rows_md: list[str]) -> dict:
              "export_seconds": timings, "direct_conversion": direct_info, "conversion_routes": routes,
              "bf16_available": bf16, "rel_l2_vs_pytorch_on_photos": accuracy_vs_reference(
                  paths, options, source.model, h, w) if batch == 1 else None}
-    if args.profile and batch == 1:  # where the time goes: batch 1 is the latency case the goals judge
+    if args.profile and batch == 1 and variant in args.profile_variants.upper().split(","):
+        # where the time goes: B1 at batch 1 is the case the goals judge
         extra["profiles"] = {name: profile(paths[name], options.get(name) or {}, args.threads, batch, h, w)
                              for name in paths if name.startswith("openvino")}
     doc["openvino"] = extra
@@ -245,6 +246,7 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=10.0)
     ap.add_argument("--calibration-size", type=int, default=32)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--profile-variants", default="B1", help="variants whose batch-1 IRs get a per-op profile")
     ap.add_argument("--note", action="append", default=[], help="a note recorded with the results")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=Path("artifacts/openvino-bench"))
