@@ -136,10 +136,8 @@ def reference_function(model, manifest: dict, out_norms: dict | None, name: str)
     "none") its feature maps, with the checkpoint's per-output LayerNorms when it was exported with them."""
     if manifest.get("head") != "none":
         return model
-    from .model.backbone import MixFormerBackbone, build_out_norms
-    idx = tuple(manifest.get("out_indices") or range(len(model.cfg.depths)))
-    norms = build_out_norms(model, idx, out_norms or {}, name) if manifest.get("out_norm") else None
-    return MixFormerBackbone(model, idx, norms).eval()
+    from .model.backbone import backbone
+    return backbone(model, manifest.get("out_indices"), bool(manifest.get("out_norm")), out_norms, name)
 
 
 def output_names(manifest: dict) -> list[str]:

@@ -56,12 +56,9 @@ def load_source(weights: str | Path | None = None, variant: str | None = None,
 def backbone_of(source: SourceModel, out_indices=None, out_norm: bool = False):
     """The reference backbone (features_0..3, NCHW) of a source model; ``out_norm`` takes the per-output
     LayerNorms from its checkpoint (CheckpointError naming the missing keys otherwise)."""
-    from .model.backbone import MixFormerBackbone, build_out_norms, parse_out_indices
+    from .model.backbone import backbone
 
-    idx = parse_out_indices(out_indices, len(source.model.cfg.depths))
-    norms = build_out_norms(source.model, idx, source.out_norms or {}, source.weights.get("name") or "the weights") \
-        if out_norm else None
-    return MixFormerBackbone(source.model, idx, norms).eval()
+    return backbone(source.model, out_indices, out_norm, source.out_norms, source.weights.get("name") or "the weights")
 
 
 def _meta_json(meta: dict, key: str):

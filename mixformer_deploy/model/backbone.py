@@ -100,3 +100,12 @@ class MixFormerBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         st = self.forward_stages(x)
         return tuple(st[n] for n in self.output_names)
+
+
+def backbone(model: MixFormer, out_indices=None, out_norm: bool = False, tensors: dict | None = None,
+             name: str = "the weights") -> MixFormerBackbone:
+    """The reference backbone of ``model``: the chosen stages, with the per-output LayerNorms built from a
+    checkpoint's ``norm{i}`` ``tensors`` when ``out_norm`` (CheckpointError naming the missing keys)."""
+    idx = parse_out_indices(out_indices, len(model.cfg.depths))
+    norms = build_out_norms(model, idx, tensors or {}, name) if out_norm else None
+    return MixFormerBackbone(model, idx, norms).eval()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
-from .base import Runner
+from .base import Runner, packed
 from .cuda_graphs import CudaGraphed
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class AotiRunner(Runner):
     def _first(out):
         """The package's outputs: the logits, or a backbone's tuple of feature maps."""
         if isinstance(out, (list, tuple)):
-            return out[0] if len(out) == 1 else tuple(out)
+            return packed(out)
         return out
 
     @torch.no_grad()

@@ -78,7 +78,7 @@ class Runner(ABC):
         except Exception as e:
             raise ArtifactError(f"{Path(self.path).name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
         joined = tuple(np.concatenate(parts).astype(np.float32, copy=False) for parts in zip(*outs))
-        return joined[0] if len(joined) == 1 else joined
+        return packed(joined)
 
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Per-stage debug outputs (stem, stage0..N, features, logits) in the reference layout, for
@@ -95,6 +95,12 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release sessions and device memory."""
+
+
+def packed(outputs) -> np.ndarray | tuple[np.ndarray, ...]:
+    """A runner's outputs as ``run`` returns them: the one array (logits), or a backbone's tuple."""
+    outputs = tuple(outputs)
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def as_outputs(value) -> list[np.ndarray]:

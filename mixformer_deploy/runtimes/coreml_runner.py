@@ -20,7 +20,7 @@ import numpy as np
 
 from ..backends import version_of
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
-from .base import Runner
+from .base import Runner, packed
 
 FEATURES = "features_"   # a backbone's outputs: features_0 ... features_3
 
@@ -114,8 +114,7 @@ class CoreMlRunner(Runner):
         if self.fixed_batch and x.shape[0] != self.fixed_batch:
             raise UsageError(f"{self.path.name} takes batches of {self.fixed_batch}, not {x.shape[0]}")
         result = self.predict({self.input_name: x})
-        outs = tuple(np.asarray(result[n], dtype=np.float32) for n in self.output_names)
-        return outs[0] if len(outs) == 1 else outs
+        return packed(np.asarray(result[n], dtype=np.float32) for n in self.output_names)
 
     def describe(self) -> dict:
         return {**super().describe(), "compute_units": self.compute_units, "macos": platform.mac_ver()[0]}
@@ -278,8 +277,7 @@ class MilReference:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         step = self.fixed_batch or len(x)
         parts = [self._run(x[i:i + step]) for i in range(0, len(x), step)]
-        outs = tuple(np.concatenate(p) for p in zip(*parts))
-        return outs[0] if len(outs) == 1 else outs
+        return packed(np.concatenate(p) for p in zip(*parts))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         from coremltools.converters.mil.mil import types

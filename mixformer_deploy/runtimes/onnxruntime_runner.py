@@ -9,7 +9,7 @@ import numpy as np
 from ..backends import require
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
 from ..formats.onnx import embedded_manifest, load_onnx
-from .base import Runner
+from .base import Runner, packed
 
 
 class OnnxRuntimeRunner(Runner):
@@ -84,8 +84,7 @@ class OnnxRuntimeRunner(Runner):
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            outs = self.session.run(None, {self.input_name: x})
-            return outs[0] if len(outs) == 1 else tuple(outs)
+            return packed(self.session.run(None, {self.input_name: x}))
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
 

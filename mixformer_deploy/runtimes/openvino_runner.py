@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backends import require
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
-from .base import Runner
+from .base import Runner, packed
 
 EXECUTION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
@@ -124,9 +124,8 @@ class OpenVinoRunner(Runner):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
             self.request.infer({0: x})
-            outs = tuple(np.array(self.request.get_output_tensor(i).data, dtype=np.float32, copy=True)
-                         for i in range(self.n_outputs))
-            return outs[0] if len(outs) == 1 else outs
+            return packed(np.array(self.request.get_output_tensor(i).data, dtype=np.float32, copy=True)
+                          for i in range(self.n_outputs))
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: inference failed on input {x.shape} ({one_line(e, 200)})") from e
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..backends import require, version_of
 from ..errors import ArtifactError, MissingBackendError, UsageError
-from .base import Runner
+from .base import Runner, packed
 
 DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
 
@@ -121,8 +121,7 @@ class TensorRtRunner(Runner):
         if not ok:
             raise ArtifactError(f"{self.path.name}: TensorRT inference failed on input {tuple(x.shape)}")
         self.gpu_ms.append(start.elapsed_time(end))
-        result = tuple(outs[o].float().cpu().numpy() for o in self.outputs)
-        return result[0] if len(result) == 1 else result
+        return packed(outs[o].float().cpu().numpy() for o in self.outputs)
 
     def sync(self) -> None:
         self.stream.synchronize()
