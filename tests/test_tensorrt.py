@@ -137,6 +137,17 @@ def test_int8_has_tensorrt_style_qdq_and_stays_close(exported, tiny):
     assert _rel(_run(path, tiny["x"]), tiny["ref"]) < 0.15
 
 
+def test_int8_leaves_onnxruntime_quantization_unpatched(exported):
+    """ModelOpt patches onnxruntime's quantizer process-wide; an ONNX int8 export after a TensorRT one (as in
+    ``--target all``) needs it back as onnxruntime shipped it."""
+    from onnxruntime.quantization import calibrate, registry
+    assert exported["int8"]
+    assert calibrate.MinMaxCalibrater.collect_data.__module__ == "onnxruntime.quantization.calibrate"
+    assert calibrate.create_calibrator.__module__ == "onnxruntime.quantization.calibrate"
+    assert "LayerNormalization" not in registry.QDQRegistry or \
+        registry.QDQRegistry["LayerNormalization"].__module__.startswith("onnxruntime")
+
+
 @pytest.mark.slow
 def test_same_options_give_the_same_bytes(exported, tiny, tmp_path):
     target = get_target("tensorrt")

@@ -185,7 +185,7 @@ class TensorRtTarget(Target):
             src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             onnx.save(model, str(src))
             try:
-                with _quiet():
+                with _quiet(), _onnxruntime_quantization_restored():
                     quantization.quantize(
                         onnx_path=str(src), quantize_mode="int8", calibration_data={"input": x},
                         calibration_method=method, calibration_eps=["cpu"], output_path=str(dst),
@@ -370,6 +370,34 @@ def _modelopt(module: str):
         mod = require(module, "tensorrt")
     logging.getLogger("modelopt").setLevel(logging.ERROR)
     return mod
+
+
+@contextmanager
+def _onnxruntime_quantization_restored():
+    """ModelOpt patches onnxruntime's quantization classes and operator registries in place, process-wide;
+    left patched, a later ``--target onnx --precision int8`` in the same process (``--target all``, a library
+    user) fails inside onnxruntime's quantizer. Put everything back once ModelOpt is done."""
+    from onnxruntime.quantization import calibrate, registry
+    from onnxruntime.quantization.base_quantizer import BaseQuantizer
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    classes = [BaseQuantizer, QDQQuantizer, calibrate.CalibraterBase, calibrate.MinMaxCalibrater,
+               calibrate.HistogramCalibrater, calibrate.HistogramCollector]
+    saved = [(c, dict(vars(c))) for c in classes]
+    create_calibrator = calibrate.create_calibrator
+    registries = [(r, dict(r)) for r in (registry.QDQRegistry, registry.QLinearOpsRegistry)]
+    try:
+        yield
+    finally:
+        for cls, attributes in saved:
+            for name in set(vars(cls)) - set(attributes):
+                delattr(cls, name)
+            for name, value in attributes.items():
+                if vars(cls).get(name) is not value and name not in ("__dict__", "__weakref__"):
+                    setattr(cls, name, value)
+        calibrate.create_calibrator = create_calibrator
+        for table, entries in registries:
+            table.clear()
+            table.update(entries)
 
 
 @contextmanager
