@@ -58,7 +58,7 @@ def main() -> None:
     from mixformer_deploy.bench import Policy, benchmark
     from mixformer_deploy.export_api import export
     from mixformer_deploy.source import load_source
-    from mixformer_deploy.artifact import sidecar_path, write_json_atomic
+    from mixformer_deploy.artifact import sidecar_path, size_bytes, write_json_atomic
     from mixformer_deploy.reports.markdown import bench_markdown
 
     h = w = args.size
@@ -71,11 +71,19 @@ def main() -> None:
                              "ops": dict(Counter(n.op_type for n in shipped.graph.node).most_common())}}
     model = load_source(None, args.variant).model
     paths = [deploy.path]
+    def naive_sidecar(path: Path, label: str, facts: dict) -> None:
+        """The deploy form's manifest (same weights, size, batch) with this file's own form and facts."""
+        write_json_atomic(sidecar_path(path), {
+            **deploy.manifest, "form": label, "opset": facts["opset"], "size_bytes": size_bytes(path),
+            "nodes": {"exported": facts["nodes"], "shipped": facts["nodes"]}, "stage_outputs": None, "parity": None})
+
     for label, dynamo in (("naive-torchscript", False), ("naive-dynamo", True)):
-        path = args.work / f"{label}-{args.variant.lower()}-{h}x{w}-opset17.onnx"
-        nodes[label] = naive_export(model, path, dynamo, h, w)
-        write_json_atomic(sidecar_path(path), {**deploy.manifest, "form": label, "opset": nodes[label]["opset"],
-                                               "stage_outputs": None, "parity": None})
+        opset = 18 if dynamo else 17   # the dynamo exporter starts at 18 (its down-conversion fails here)
+        path = args.work / f"{label}-{args.variant.lower()}-{h}x{w}-opset{opset}.onnx"
+        facts = naive_export(model, path, dynamo, h, w)
+        assert facts["opset"] == opset, facts["opset"]
+        nodes[label] = facts
+        naive_sidecar(path, label, facts)
         paths.append(path)
     import onnxslim
     slim_path = args.work / f"naive-torchscript-slim-{args.variant.lower()}-{h}x{w}-opset17.onnx"
@@ -83,8 +91,7 @@ def main() -> None:
     onnx.save(slim, str(slim_path))
     nodes["naive-torchscript+onnxslim"] = {"nodes": len(slim.graph.node), "opset": 17,
                                            "ops": dict(Counter(n.op_type for n in slim.graph.node).most_common())}
-    write_json_atomic(sidecar_path(slim_path), {**deploy.manifest, "form": "naive-torchscript+onnxslim", "opset": 17,
-                                                "stage_outputs": None, "parity": None})
+    naive_sidecar(slim_path, "naive-torchscript+onnxslim", nodes["naive-torchscript+onnxslim"])
     paths.append(slim_path)
 
     policy = Policy(warmup_s=3.0, duration_s=args.duration_s, min_iters=100)

@@ -490,12 +490,11 @@ def _add_floor(rows: list[dict], macs: dict[str, int | None], rate: dict | None)
 
 
 def _size_bytes(path: str | None) -> int | None:
-    if not path:
+    """Every byte of the artifact (external data, a directory's tree), as the manifest counts it."""
+    if not path or not Path(path).exists():
         return None
-    p = Path(path)
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size if p.is_file() else None
+    from .artifact import size_bytes
+    return size_bytes(path)
 
 
 def _artifact_entry(s: Subject, index: int, info: dict, memory: dict, macs: int | None) -> dict:
