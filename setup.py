@@ -17,7 +17,11 @@ class BuildWithShippedFiles(build_py):
         target = Path(self.build_lib) / "mixformer_deploy" / "_shipped"
         for folder, patterns in SHIPPED.items():
             for pattern in patterns:
-                for f in (ROOT / folder).glob(pattern):
+                found = sorted((ROOT / folder).glob(pattern))
+                if not found:  # a wheel without them installs fine and then fails at the user's first command
+                    raise SystemExit(f"setup.py: nothing matches {folder}/{pattern}; the wheel would ship "
+                                     "without the shipped weights or profiles (is MANIFEST.in complete?)")
+                for f in found:
                     dest = target / folder / f.relative_to(ROOT / folder)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, dest)

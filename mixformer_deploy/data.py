@@ -54,16 +54,28 @@ def preprocess(image: np.ndarray, height: int, width: int, prep: Preprocessing =
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    from skimage.io import imread
+    """Any image mode as RGB in [0, 255] (uint8) or [0, 1] (float, for 16-bit and float images): grey,
+    grey + alpha, palette, CMYK and RGBA are converted by Pillow; 16-bit pixels are scaled by 65535, not 255."""
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"image not found: {path}")
     try:
-        img = imread(str(path))
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I") or im.mode == "F":   # 16/32-bit integer or float grey
+                grey = np.asarray(im, dtype=np.float64)
+                if im.mode == "F":
+                    top = max(1.0, float(grey.max()))
+                else:   # "I;16*" always, "I" when its values need more than 8 bits
+                    top = 65535.0 if im.mode.startswith("I;16") or grey.max() > 255 else 255.0
+                img = np.stack([np.clip(grey / top, 0, 1).astype(np.float32)] * 3, axis=-1)
+            else:
+                img = np.asarray(im.convert("RGB"))
     except Exception as e:
         raise InputFileError(f"{path.name}: not a readable image ({type(e).__name__})") from e
-    if img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
+    if min(img.shape[:2]) < 1:
         raise InputFileError(f"{path.name}: not a 2-D image (shape {img.shape})")
     return img
 

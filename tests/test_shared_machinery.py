@@ -144,6 +144,24 @@ def test_calibration_folder_of_any_mode_and_size(tmp_path):
         export(WEIGHTS, precision="int8", img_size=224, calibration=empty, output=tmp_path / "out2", check=False)
 
 
+def test_every_image_mode_reads_as_the_same_pixels(tmp_path):
+    """Grey, grey + alpha, 16-bit, palette, RGBA and CMYK files of one picture give one preprocessed input."""
+    from PIL import Image
+
+    from mixformer_deploy.data import preprocess, read_image
+
+    g = (np.arange(48 * 40).reshape(48, 40) * 7 % 256).astype(np.uint8)
+    want = preprocess(np.stack([g] * 3, axis=-1), 32, 32)
+    files = {"grey.png": Image.fromarray(g), "grey-alpha.png": Image.fromarray(g).convert("LA"),
+             "palette.png": Image.fromarray(g).convert("P"), "rgba.png": Image.fromarray(g).convert("RGBA"),
+             "cmyk.tif": Image.fromarray(g).convert("CMYK"),
+             "grey16.png": Image.fromarray(g.astype(np.uint16) * 257)}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        got = preprocess(read_image(tmp_path / name), 32, 32)
+        assert got.shape == want.shape and np.abs(got - want).max() < 0.02, name
+
+
 def test_accuracy_rules_are_in_images():
     assert allowed_extra("int8", 360, heldout=True)[0] == 3
     assert allowed_extra("fp16", 360, heldout=True)[0] == 1
@@ -275,3 +293,21 @@ def test_an_internal_error_is_exit_70_in_one_line_whatever_the_verbosity(monkeyp
     r = CliRunner().invoke(app, ["export", "--bogus"])
     assert r.exit_code == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
     assert "--help" in r.stderr
+
+
+# ---------------------------------------------------------------- the shipped examples
+
+def test_predict_names_each_shipped_example_digit():
+    """The examples are what the model card says the model expects: predict gets every one right."""
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.cli.app import _load_commands, app
+    from mixformer_deploy.shipped import EXAMPLES_DIR
+
+    _load_commands()
+    images = sorted(EXAMPLES_DIR.glob("*.png"))
+    assert len(images) >= 5
+    r = CliRunner().invoke(app, ["predict", *map(str, images), "--top", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    got = {Path(item["image"]).name: item["top"][0]["label"] for item in json.loads(r.stdout)}
+    assert got == {p.name: p.stem.rsplit("-", 1)[1] for p in images}
