@@ -88,6 +88,20 @@ def test_inspect_reports_what_is_in_the_graph(shipped_fp16):
     assert info["manifest"]["precision"] == "fp16"
 
 
+def test_inspect_counts_match_the_deploy_form(shipped_fp16):
+    """Known counts, from the PyTorch deploy form rather than from the ONNX file inspect reads."""
+    from mixformer_deploy.source import load_source
+
+    src = load_source(DEFAULT_WEIGHTS)
+    deploy = to_deploy(src.model, (32, 32))
+    norms = [n for n, m in deploy.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    info = inspect_artifact(shipped_fp16.path)
+    assert info["ops"]["LayerNormalization"] == len(norms)
+    assert info["ops"]["Softmax"] == sum(src.model.cfg.depths)
+    assert set(norms) <= set(info["kept_fp32"])          # every LayerNorm computes in float32
+    assert sum(info["precisions"].values()) + info["data_movement_ops"] == info["nodes"]
+
+
 def test_inspect_of_fp32_has_no_keeps_and_counts_every_op(tmp_path):
     path = export(WEIGHTS, img_size=224, output=tmp_path, check=False).path
     info = inspect_artifact(path)
@@ -222,6 +236,15 @@ def test_target_comes_from_the_manifest_not_the_suffix(tmp_path):
     side = json.loads((tmp_path / (path.name + ".json")).read_text())
     assert target_of(path).key == side["target"] == "onnx"
     assert read_manifest(path)["target"] == "onnx"
+    # the same bytes with a manifest naming the TensorRT target, under a plain .onnx name and no sidecar
+    from mixformer_deploy.manifest import EMBED_KEY
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == EMBED_KEY:
+            prop.value = json.dumps({**json.loads(prop.value), "target": "tensorrt"})
+    (tmp_path / "other").mkdir()
+    onnx.save(model, str(tmp_path / "other" / "x.onnx"))
+    assert target_of(tmp_path / "other" / "x.onnx").key == "tensorrt"
 
 
 def test_size_counts_external_data_and_refuses_data_outside_the_folder(tmp_path):
@@ -264,14 +287,63 @@ def test_a_directory_artifact_is_published_whole(tmp_path):
 
 # ---------------------------------------------------------------- one layering, no circles
 
-def test_parity_bench_and_runners_never_import_exporters():
-    code = ("import importlib, sys, mixformer_deploy.parity, mixformer_deploy.bench\n"
-            "from mixformer_deploy import runtimes\n"
-            "for k in runtimes.keys(): importlib.import_module('mixformer_deploy.runtimes.' + runtimes.RUNTIMES[k][0])\n"
-            "bad = [m for m in sys.modules if m == 'mixformer_deploy.export_api' or "
-            "(m.startswith('mixformer_deploy.targets.') and m != 'mixformer_deploy.targets.base')]\n"
-            "assert not bad, bad")
+def test_parity_bench_and_runners_never_import_exporters(tmp_path):
+    """Importing parity, bench and every runner, then opening an artifact of each format that a target
+    shares with its runner (each broken past the point where the runner has read it, so no export is
+    needed), loads neither export_api nor any exporter module."""
+    (tmp_path / "m.mlpackage" / "Data").mkdir(parents=True)
+    (tmp_path / "m.mlpackage" / "Manifest.json").write_text(
+        json.dumps({"rootModelIdentifier": "r", "itemInfoEntries": {"r": {"path": "model.mlmodel"}}}))
+    (tmp_path / "m.mlpackage" / "Data" / "model.mlmodel").write_bytes(b"\xff" * 64)
+    (tmp_path / "m.pte").write_bytes(b"\0\0\0\0ET12" + b"\xff" * 64)
+    (tmp_path / "m.tflite").write_bytes(b"\0\0\0\0TFL3" + b"\xff" * 64)
+    (tmp_path / "m.openvino").mkdir()
+    (tmp_path / "m.openvino" / "model.xml").write_text(
+        '<net name="m" version="11"><rt_info><mixformer_deploy><manifest value="{}"/></mixformer_deploy>'
+        "</rt_info></net>")
+    (tmp_path / "m.openvino" / "model.bin").write_bytes(b"")
+    code = f"""if True:
+        import importlib, sys, pathlib, mixformer_deploy.parity, mixformer_deploy.bench
+        from mixformer_deploy import runtimes
+        from mixformer_deploy.errors import MixformerDeployError
+        for k in runtimes.keys():
+            importlib.import_module('mixformer_deploy.runtimes.' + runtimes.RUNTIMES[k][0])
+        for key, name in [('coreml', 'm.mlpackage'), ('executorch', 'm.pte'), ('litert', 'm.tflite'),
+                          ('openvino', 'm.openvino')]:
+            path = pathlib.Path({str(tmp_path)!r}) / name
+            for open_ in (runtimes.runner_class(key).load,
+                          importlib.import_module('mixformer_deploy.formats.' + key).embedded_manifest):
+                try:
+                    open_(path)
+                except MixformerDeployError:
+                    pass  # a broken artifact, or the extra is missing: what matters is what got imported
+        bad = [m for m in sys.modules if m == 'mixformer_deploy.export_api' or
+               (m.startswith('mixformer_deploy.targets.') and m != 'mixformer_deploy.targets.base')]
+        assert not bad, bad
+    """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtimes_and_formats_have_no_import_from_targets():
+    """Statically, so that a lazy import inside a function that no test reaches is caught too."""
+    import ast
+
+    import mixformer_deploy
+
+    root = Path(mixformer_deploy.__file__).parent
+    bad = []
+    for path in sorted([*(root / "runtimes").glob("*.py"), *(root / "formats").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                absolute = "mixformer_deploy." * (node.level == 0) + ("." * node.level) + (node.module or "")
+                names = [absolute + "." + a.name if node.module is None else absolute for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.startswith(("..targets", "mixformer_deploy.targets")) for n in names):
+                bad.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not bad, bad
 
 
 def test_an_internal_error_is_exit_70_in_one_line_whatever_the_verbosity(monkeypatch):

@@ -199,7 +199,8 @@ class OnnxTarget(Target):
             "inputs": io_desc(g.input), "outputs": io_desc(g.output),
             "ops": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
             "nodes": len(model.graph.node), "max_rank": max(ranks) if ranks else None,
-            "precisions": dict(per_precision),
+            "precisions": dict(per_precision),   # compute ops, by the float type they read (the graph's own)
+            "data_movement_ops": len(model.graph.node) - sum(per_precision.values()),  # Reshape, Cast, Q/DQ, ...
             "kept_fp32": sorted(m for m in compute_fp32 if m) if reduced else [],
         }
 
