@@ -8,10 +8,13 @@ beside CPUs and GPUs. Timing is the tool's own, on the phone's clock:
 
 - ``benchmark_model``: one run with ``--warmup_runs`` and ``--num_runs``; its statistics line gives count,
   first, min, max, avg, std and (newer builds) p5 / median / p95 in microseconds. It reports no per-run
-  samples, so ``samples_ms`` is empty and p90/p99 are null.
+  samples, so ``samples_ms`` is empty and p90/p99 are null. First inference is the summary line's
+  "First inference" (the cold first run, before warm-up), load time its "Init".
 - ``executor_runner``: it reports only the total time of ``--num_executions`` runs ("Model executed
-  successfully N time(s) in T ms."), so the tool is run once to warm up (discarded) and then ``rounds``
-  times; each round's mean is one sample (load time is outside the measured span).
+  successfully N time(s) in T ms."), so it runs once with one execution (the first inference), once with
+  ``warmup`` executions (discarded) and then ``rounds`` times; each round's mean is one sample. It reports
+  no load time (null). That line is an ET_LOG line: a build without EXECUTORCH_ENABLE_LOGGING (upstream's
+  default for Release) prints nothing to parse, which is a DeviceToolError (exit 5).
 
 The parsers are pure functions over the tools' text output (tests/data/adb holds samples in the formats
 their documentation shows). Missing ``adb`` or a device that is not attached: MissingBackendError (exit 3).
@@ -35,6 +38,7 @@ _NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
 _ET_RUN = re.compile(rf"Model executed successfully (\d+) time\(s\) in {_NUM} ms")
 _ET_FAIL = re.compile(r"(Execution of method \S+ failed[^\n]*|Failed to parse model file[^\n]*|"
                       r"Loading of method \S+ failed[^\n]*)")
+_ET_LOG = re.compile(r"^[DIWEF] [\d:.]+ executorch:", re.M)
 _LITERT_STATS = re.compile(r"count=(\d+)((?:\s+\w+=" + _NUM + r")+)")
 _LITERT_SUMMARY = re.compile(rf"Inference timings in us: Init: {_NUM}, First inference: {_NUM}, "
                              rf"Warmup \(avg\): {_NUM}, Inference \(avg\): {_NUM}")
@@ -55,8 +59,11 @@ def parse_executor_runner(text: str) -> dict:
     m = _ET_RUN.search(text)
     if not m:
         fail = _ET_FAIL.search(text)
+        silent = "" if fail or _ET_LOG.search(text) else (
+            " (it printed no ET_LOG line: build executor_runner with -DEXECUTORCH_ENABLE_LOGGING=ON or the "
+            "android preset; Release builds log nothing by default)")
         raise DeviceToolError("executor_runner did not report a successful run"
-                              + (f": {fail.group(1).strip()}" if fail else ""))
+                              + (f": {fail.group(1).strip()}" if fail else "") + silent)
     runs, total = int(m.group(1)), float(m.group(2))
     if runs < 1:
         raise DeviceToolError("executor_runner reported 0 runs")
@@ -65,7 +72,8 @@ def parse_executor_runner(text: str) -> dict:
 
 def parse_benchmark_model(text: str) -> dict:
     """benchmark_model's output -> statistics of the timed runs in ms (the last ``count=`` line is the
-    timed one, the first the warm-up), the summary line, memory and delegation."""
+    timed one, the first the warm-up), the summary line, memory and delegation. ``first_ms`` is the
+    summary's "First inference" (cold); ``timed_first_ms`` the first of the timed runs."""
     stats = list(_LITERT_STATS.finditer(text))
     summary = _LITERT_SUMMARY.search(text)
     if not stats or not summary:
@@ -74,7 +82,8 @@ def parse_benchmark_model(text: str) -> dict:
     fields = {k: float(v) for k, v in re.findall(rf"(\w+)={_NUM}", stats[-1].group(2))}
     us = 1e-3
     out = {"count": int(stats[-1].group(1)),
-           "first_ms": fields.get("first", float(summary.group(2))) * us,
+           "first_ms": float(summary.group(2)) * us,
+           "timed_first_ms": fields["first"] * us if "first" in fields else None,
            "min_ms": fields["min"] * us if "min" in fields else None,
            "max_ms": fields["max"] * us if "max" in fields else None,
            "mean_ms": fields.get("avg", float(summary.group(4))) * us,
@@ -191,7 +200,9 @@ def bench_on_device(artifact: str | Path, serial: str, benchmark_binary: str | P
         per_round = max(1, math.ceil(runs / rounds))
         cmd = (f"{shlex.quote(remote_tool)} --model_path={shlex.quote(remote_model)} --cpu_threads={threads} "
                f"{extra}").strip()
-        first = parse_executor_runner(dev.shell(f"{cmd} --num_executions={max(warmup, 1)}", check=False))["mean_ms"]
+        first = parse_executor_runner(dev.shell(f"{cmd} --num_executions=1", check=False))["mean_ms"]
+        if warmup > 0:
+            parse_executor_runner(dev.shell(f"{cmd} --num_executions={warmup}", check=False))
         samples = [parse_executor_runner(dev.shell(f"{cmd} --num_executions={per_round}", check=False))["mean_ms"]
                    for _ in range(math.ceil(runs / per_round))]
         from .bench import latency_stats
@@ -240,7 +251,9 @@ def _document(artifact, manifest, target, device, threads, lat, samples, iterati
                         "seed": manifest.get("seed")}}
     settings = {"device": env["device"], "threads": threads, "timer": f"{tool['tool']} on the device",
                 "runs": tool["runs"], "warmup": tool["warmup"], "batches": [batch], "inputs": "the tool's own"}
-    notes = [f"timed on {cpu} over adb by {tool['tool']}; x86 timings of the same artifact are not comparable"]
+    how = (f"each sample is the mean of {tool['executions_per_sample']} executions in one process"
+           if "executions_per_sample" in tool else "the tool's own statistics, no per-run samples and no p90/p99")
+    notes = [f"timed on {cpu} over adb by {tool['tool']}: {how}; x86 timings of the same artifact are not comparable"]
     machine = fingerprint(env)
     machine["slug"] = machine["slug"].replace("-Nonec-", "-")  # core count unknown
     return {"schema": SCHEMA, "created": now_iso(), "tool": {"name": "mixformer-deploy", "version": __version__},

@@ -4,6 +4,7 @@ the adb path up to and through the subprocess calls, with a stand-in `adb` scrip
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -35,7 +36,9 @@ def test_benchmark_model_plain_output_is_parsed():
     assert got["count"] == 50 and got["warmup_count"] == 12
     assert got["mean_ms"] == pytest.approx(41.3987) and got["std_ms"] == pytest.approx(0.612)
     assert got["min_ms"] == pytest.approx(40.731) and got["max_ms"] == pytest.approx(44.205)
-    assert got["first_ms"] == pytest.approx(41.420) and got["init_ms"] == pytest.approx(61.538)
+    # first inference is the summary's (the cold run), not the first of the timed runs
+    assert got["first_ms"] == pytest.approx(58.432) and got["timed_first_ms"] == pytest.approx(41.420)
+    assert got["init_ms"] == pytest.approx(61.538)
     assert got["median_ms"] is None and got["memory_mb"] == {"init": 41.7227, "overall": 63.1055}
 
 
@@ -43,6 +46,16 @@ def test_benchmark_model_info_output_with_percentiles_is_parsed():
     got = parse_benchmark_model((SAMPLES / "benchmark_model_info.txt").read_text())
     assert got["count"] == 50 and got["median_ms"] == pytest.approx(23.066) and got["p95_ms"] == pytest.approx(24.118)
     assert got["delegate"] == {"name": "TfLiteXNNPackDelegate", "nodes": 1163, "of": 1163}
+
+
+def test_release_executor_runner_prints_nothing_to_parse_and_says_why():
+    """A Release build compiles ET_LOG out: only the outputs reach stdout."""
+    text = "".join(line for line in (SAMPLES / "executor_runner.txt").read_text().splitlines(keepends=True)
+                   if " executorch:" not in line)
+    assert text.startswith("Output 0: tensor(")
+    with pytest.raises(DeviceToolError, match="EXECUTORCH_ENABLE_LOGGING=ON") as e:
+        parse_executor_runner(text)
+    assert e.value.exit_code == 5
 
 
 def test_benchmark_model_without_a_summary_is_a_tool_error():
@@ -64,7 +77,9 @@ case "$1" in
   shell)
     case "$2" in
       *benchmark_model*) cat "{samples}/benchmark_model_info.txt" ;;
-      *executor_runner*) cat "{samples}/executor_runner.txt" ;;
+      *executor_runner*--num_executions=1)  # one execution: the documented line with its own count and time
+        sed 's/10 time(s) in 452.750000 ms/1 time(s) in 61.250000 ms/' "{samples}/executor_runner.txt" | $ET_FILTER ;;
+      *executor_runner*) $ET_FILTER "{samples}/executor_runner.txt" ;;
       "getprop ro.soc.model") echo SM8550 ;;
       "getprop ro.product.model") echo "Test Phone" ;;
       "getprop ro.product.cpu.abi") echo arm64-v8a ;;
@@ -77,7 +92,8 @@ esac
 
 
 @pytest.fixture
-def fake_adb(tmp_path):
+def fake_adb(tmp_path, monkeypatch):
+    monkeypatch.setenv("ET_FILTER", "cat")  # "grep -v executorch:" replays a Release executor_runner
     log = tmp_path / "adb.log"
     exe = tmp_path / "bin" / "adb"
     exe.parent.mkdir()
@@ -167,3 +183,84 @@ def test_bench_cli_adb_options_are_checked(tmp_path, monkeypatch):
     tool.write_bytes(b"\x7fELF")
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "m.pte"), "--adb", "emulator-5554", "--benchmark-binary", str(tool)])
     assert r.exit_code == 4 and r.stderr.strip().splitlines()[-1] == f"error: artifact not found: {tmp_path / 'm.pte'}"
+
+
+# ---------------------------------------------------------------- the CLI, with the stand-in adb on PATH
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.cli.app import _load_commands, app
+
+    _load_commands()
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def phone_docs(tmp_path, fake_adb, monkeypatch):
+    """`bench --adb` on a .pte and on a .tflite through the CLI: (CLI results, written documents)."""
+    exe, _ = fake_adb
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    out = {}
+    for target, suffix, tool in (("executorch", ".pte", "executor_runner"), ("litert", ".tflite", "benchmark_model")):
+        (tmp_path / target).mkdir()
+        binary = tmp_path / target / tool
+        binary.write_bytes(b"\x7fELF stand-in")
+        doc = tmp_path / f"phone-{target}.json"
+        r = _cli("bench", _artifact(tmp_path / target, target, suffix), "--adb", "phone1", "--benchmark-binary",
+                 binary, "--min-iters", 20, "--json", doc)
+        out[target] = (r, doc)
+    return out
+
+
+def test_bench_cli_on_a_phone_writes_a_bench_document(phone_docs):
+    from mixformer_deploy.reports.bench_json import read_results
+
+    for target, first, load in (("executorch", "61.2 ms", "–"), ("litert", "31.9 ms", "48 ms")):
+        r, path = phone_docs[target]
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert f"load {load}, first inference b1 {first}" in r.stdout and f"wrote {path}" in r.stdout
+        row = read_results(path)["results"][0]  # read_results validates the schema
+        assert row["runtime"] == target and row["device"] == "adb:phone1"
+    et = read_results(phone_docs["executorch"][1])
+    assert et["results"][0]["first_inference_ms"] == pytest.approx(61.25)  # its own 1-execution run
+    assert et["results"][0]["latency_ms"]["p50"] == pytest.approx(45.275) and et["artifacts"][0]["load_ms"] is None
+    lite = read_results(phone_docs["litert"][1])
+    assert lite["results"][0]["first_inference_ms"] == pytest.approx(31.877)  # "First inference", not the timed first=
+
+
+def test_bench_cli_on_a_release_executor_runner_is_exit_5(tmp_path, fake_adb, monkeypatch):
+    exe, _ = fake_adb
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("ET_FILTER", "grep -v executorch:")
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"\x7fELF stand-in")
+    r = _cli("bench", _artifact(tmp_path, "executorch", ".pte"), "--adb", "phone1", "--benchmark-binary", runner)
+    assert r.exit_code == 5 and "EXECUTORCH_ENABLE_LOGGING=ON" in r.stderr
+
+
+def test_report_shows_phones_beside_a_cpu(tmp_path, phone_docs):
+    """Phone documents lack the CPU run's policy and (LiteRT) raw samples; report shows what they have."""
+    pytest.importorskip("matplotlib")
+    from mixformer_deploy import create_model
+    from mixformer_deploy.checkpoints import save_safetensors
+
+    weights = save_safetensors(create_model("custom", 10, seed=0, embed_dim=16, depths=(1, 1, 2, 1),
+                                            num_heads=(1, 2, 4, 8)), tmp_path / "tiny.safetensors",
+                               extra={"input_size": "64x64"})
+    cpu = tmp_path / "cpu.json"
+    r = _cli("bench", weights, "--threads", 1, "--warmup-s", 0.05, "--duration-s", 0.2, "--min-iters", 3,
+             "--no-floor", "--json", cpu)
+    assert r.exit_code == 0, (r.output, r.exception)
+    docs = [phone_docs["executorch"][1], phone_docs["litert"][1], cpu]
+    for name in ("report.md", "report.html"):
+        r = _cli("report", *docs, "--output", tmp_path / "rep" / name)
+        assert r.exit_code == 0, (r.output, r.exception)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("\n## ") == 2 and "## sm8550-test-phone-8c-2t" in md  # one section per machine
+    assert "timed by executor_runner on the device: 20 runs after 5 warm-up" in md
+    assert "timed by benchmark_model on the device" in md and "tiny.safetensors" in md
+    for line in (ln for ln in md.splitlines() if ln.startswith("| mixformer-b1")):
+        assert "| 23.1 |" in line or "| 45.3 |" in line  # p50 of each phone row
+    assert (tmp_path / "rep" / "report-latency.png").stat().st_size > 0  # from the rows with samples
+    assert "sm8550-test-phone-8c-2t" in (tmp_path / "rep" / "report.html").read_text()

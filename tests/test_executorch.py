@@ -128,6 +128,21 @@ def test_every_compute_op_is_delegated_to_xnnpack(fp32):
     assert info["outputs"] == [{"shape": [1, 10], "dtype": "fp32"}]
 
 
+def test_inspect_cli_prints_delegated_and_non_delegated_ops(fp32):
+    """The human printer once crashed (exit 70) on the grouped op counts a .pte reports."""
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.cli.app import _load_commands, app
+
+    _load_commands()
+    r = CliRunner().invoke(app, ["inspect", str(fp32.path)])
+    assert r.exit_code == 0, r.output
+    d = fp32.manifest["delegation"]
+    assert f"delegated ops: {d['delegated_ops']}" in r.stdout and "non-delegated ops: 0 (none)" in r.stdout
+    assert "delegate:XnnpackBackend 1" in r.stdout and "compute ops off the delegate: none" in r.stdout
+    assert "linear" in r.stdout
+
+
 def test_manifest_is_embedded_and_survives_without_sidecar(fp32, tmp_path):
     copy = tmp_path / "renamed.pte"
     shutil.copyfile(fp32.path, copy)

@@ -50,7 +50,7 @@ def progress_bar():
 def print_results(doc: dict) -> None:
     from rich.table import Table
 
-    from ..reports.markdown import HEADERS, result_row
+    from ..reports.markdown import HEADERS, _f, result_row
 
     console = make_console()
     m = doc["machine"]
@@ -62,9 +62,10 @@ def print_results(doc: dict) -> None:
         table.add_row(*result_row(r, sizes.get(r["artifact"])))
     console.print(table)
     for a in doc["artifacts"]:
-        firsts = ", ".join(f"b{r['batch']} {r['first_inference_ms']:.1f} ms" for r in doc["results"]
+        # a phone's tool may not report every figure (executor_runner: no load time): "–", not a crash
+        firsts = ", ".join(f"b{r['batch']} {_f(r.get('first_inference_ms'), '.1f', ' ms')}" for r in doc["results"]
                            if r["artifact"] == a["name"])
-        line = f"{a['name']}: load {a['load_ms']:.0f} ms, first inference {firsts}"
+        line = f"{a['name']}: load {_f(a.get('load_ms'), '.0f', ' ms')}, first inference {firsts}"
         if a.get("peak_rss_bytes") and a.get("rss_before_load_bytes"):
             line += (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB "
                      f"(+{(a['peak_rss_bytes'] - a['rss_before_load_bytes']) / MIB:.0f} MiB over the idle worker)")

@@ -45,18 +45,42 @@ def inspect_cmd(
                   f"precision {m.get('precision', '?')}  max rank {info.get('max_rank')}")
     for kind in ("inputs", "outputs"):
         for io in info.get(kind) or []:
-            console.print(f"{kind[:-1]}: {io.get('name')} {io.get('dtype')} {io.get('shape')}")
+            facts = (io.get("name"), io.get("dtype"), io.get("shape"))
+            console.print(f"{kind[:-1]}: " + " ".join(str(v) for v in facts if v is not None))
     if info.get("precisions"):
         console.print("ops per precision: " + ", ".join(f"{k} {v}" for k, v in info["precisions"].items()))
     if info.get("kept_fp32"):
         console.print(f"kept in float32 ({len(info['kept_fp32'])}): " + ", ".join(info["kept_fp32"][:12])
                       + (" ..." if len(info["kept_fp32"]) > 12 else ""))
-    if info.get("ops"):
-        table = Table(title="op histogram", title_justify="left")
-        table.add_column("op")
-        table.add_column("count", justify="right")
-        for op, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]):
-            table.add_row(op, str(n))
-        console.print(table)
+    ops = info.get("ops") or {}
+    if any(isinstance(v, dict) or v is None for v in ops.values()):
+        # grouped histograms (ExecuTorch: ops inside the delegate and ops left on portable kernels)
+        if info.get("instructions"):
+            console.print("instructions: " + ", ".join(f"{k} {v}" for k, v in info["instructions"].items()))
+        for group, hist in ops.items():
+            name = f"{group.replace('_', '-')} ops"
+            if hist is None:
+                console.print(f"{name}: not recorded in the manifest")
+            else:
+                _histogram(console, f"{name}: {info.get(f'{group}_ops') or sum(hist.values())}", hist)
+        if "compute_off_delegate" in info:
+            off = info["compute_off_delegate"]
+            console.print("compute ops off the delegate: " + ("not recorded" if off is None else
+                                                              ", ".join(f"{k} {v}" for k, v in off.items()) or "none"))
+    elif ops:
+        _histogram(console, "op histogram", ops)
     for note in [info.get("note")] if info.get("note") else []:
         console.print(f"note: {note}")
+
+
+def _histogram(console, title: str, counts: dict) -> None:
+    """One op -> count table, largest first (an empty group says so instead of printing an empty table)."""
+    if not counts:
+        console.print(f"{title} (none)")
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        table.add_row(op, str(n))
+    console.print(table)

@@ -42,22 +42,39 @@ def result_row(r: dict, size: int | None) -> list[str]:
     lat = r["latency_ms"]
     up, base = speedup(r)
     return [r["artifact"], r["runtime"] + (f" ({r['form']})" if r.get("form") else ""), r["precision"],
-            str(r["batch"]), _f(lat["p50"]), _f(lat["p90"]), _f(lat["p99"]), f"{lat['mean']:.3g} ± {lat['std']:.2g}",
+            str(r["batch"]), _f(lat["p50"]), _f(lat["p90"]), _f(lat["p99"]), _mean_std(lat),
             _f(r["cv"], ".0%"), _f(r["throughput_ips"], ".4g"),
             _f(up, ".2f", f"× vs {'ref' if base == 'reference' else 'first'}"), _f(r.get("floor_ms")), _f(r.get("floor_fraction"), ".0%"),
             _f(r["peak_rss_bytes"] / MIB if r.get("peak_rss_bytes") else None, ".0f"),
             _f(size / MIB if size else None, ".1f")]
 
 
-def _facts(doc: dict) -> list[tuple[str, str]]:
-    env, s = doc["environment"], doc["settings"]
+def _mean_std(lat: dict) -> str:
+    if lat.get("mean") is None:
+        return "–"
+    return f"{lat['mean']:.3g}" + (f" ± {lat['std']:.2g}" if lat.get("std") is not None else "")
+
+
+def _run(doc: dict) -> str:
+    """How the rows were timed: our own policy, or (a phone over adb) the device tool's run and warm-up counts."""
+    s = doc["settings"]
+    if "warmup_s" in s:
+        return (f"{doc['created']}, device {s['device']}, warm-up {s['warmup_s']} s, >= {s['duration_s']} s and "
+                f">= {s['min_iters']} iterations per row")
+    return (f"{doc['created']}, device {s['device']}, timed by {s.get('timer') or 'the device tool'}: "
+            f"{s.get('runs', '?')} runs after {s.get('warmup', '?')} warm-up")
+
+
+def _facts(group: list[dict]) -> list[tuple[str, str]]:
+    """The machine's facts (from its first document) and how each of its runs was timed."""
+    doc = group[0]
+    env = doc["environment"]
     gpu = env.get("gpu")
     backends = ", ".join(f"{k} {v}" for k, v in env["backends"].items() if v)
-    facts = [("CPU", f"{env['cpu_model']} (usable cores: {env['cores']}, threads used: {env['threads']})"),
+    facts = [("CPU", f"{env['cpu_model']} (usable cores: {env.get('cores') or '?'}, threads used: {env['threads']})"),
              ("GPU", f"{gpu['model']} (driver {gpu.get('driver') or '?'})" if gpu else "–"),
-             ("OS / Python", f"{env['os']} / {env['python']}"), ("Backends", backends),
-             ("mixformer-deploy", env["tool_version"]), ("Run", f"{doc['created']}, device {s['device']}, warm-up "
-              f"{s['warmup_s']} s, >= {s['duration_s']} s and >= {s['min_iters']} iterations per row")]
+             ("OS / Python", f"{env['os']} / {env.get('python') or '–'}"), ("Backends", backends or "–"),
+             ("mixformer-deploy", env["tool_version"]), ("Run", "; ".join(dict.fromkeys(_run(d) for d in group)))]
     m = (doc.get("floor") or {}).get("matmul")
     if m:
         facts.append(("float32 matmul", f"{m['gflops']:.1f} GFLOP/s ({m['n']}x{m['n']}, threads: {m['threads']}, "
@@ -85,7 +102,7 @@ def sections(docs: list[dict]) -> list[dict]:
             sizes = _sizes(d)
             rows += [result_row(r, sizes.get(r["artifact"])) for r in d["results"]]
             notes += d["warnings"]
-        sec = {"title": slug, "facts": _facts(group[0]), "headers": list(HEADERS), "rows": rows,
+        sec = {"title": slug, "facts": _facts(group), "headers": list(HEADERS), "rows": rows,
                "notes": list(dict.fromkeys(notes))}
         reg = next((d["regression"] for d in group if d.get("regression")), None)
         if reg:

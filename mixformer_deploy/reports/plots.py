@@ -1,6 +1,6 @@
 """PNG plots of benchmark results (matplotlib, Agg backend, imported only here: extra ``plot``).
 
-Plots: the latency distribution of every row from its raw samples (box plots: median, quartiles, 1st-99th
+Plots: the latency distribution of every row that has raw samples (box plots: median, quartiles, 1st-99th
 percentile whiskers), p50 latency against batch size, and the speed-up against the reference (or the
 first artifact). Rows from several machines are labelled with the machine's slug.
 """
@@ -48,6 +48,10 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def latency_distribution(rows: list[tuple[str, str, dict]], path: str | Path) -> Path:
+    """Box plots of the rows that have raw samples (a phone's benchmark_model gives summary statistics only)."""
+    rows = [row for row in rows if row[2].get("samples_ms")]
+    if not rows:
+        raise ValueError("no result has raw samples to plot")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)))
     data = [r["samples_ms"] for _, _, r in rows]
@@ -70,7 +74,8 @@ def latency_vs_batch(rows: list[tuple[str, str, dict]], path: str | Path) -> Pat
     plt = _pyplot()
     series: dict[str, list[tuple[int, float]]] = {}
     for _, name, r in rows:
-        series.setdefault(name, []).append((r["batch"], r["latency_ms"]["p50"]))
+        if r["latency_ms"].get("p50") is not None:
+            series.setdefault(name, []).append((r["batch"], r["latency_ms"]["p50"]))
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, points in series.items():
         points.sort()
@@ -107,7 +112,9 @@ def report_plots(docs: list[dict], out_dir: str | Path, stem: str) -> dict[str, 
     """Write every plot that has something to show; caption -> path."""
     rows = labelled_rows(docs)
     out = Path(out_dir)
-    plots = {"Latency distribution": latency_distribution(rows, out / f"{stem}-latency.png")}
+    plots = {}
+    if any(r.get("samples_ms") for _, _, r in rows):
+        plots["Latency distribution"] = latency_distribution(rows, out / f"{stem}-latency.png")
     batches: dict[str, set] = {}
     for _, name, r in rows:
         batches.setdefault(name, set()).add(r["batch"])
