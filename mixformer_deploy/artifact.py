@@ -26,7 +26,8 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 
 def temp_path(final: Path) -> Path:
-    """A temporary name beside ``final`` (same filesystem, so the rename is atomic), unique per process."""
+    """A temporary name beside ``final`` (same filesystem, so the rename is atomic), unique per process:
+    ``.<name>.<pid>.partial<suffix>``, the one pattern every atomic writer uses and the cleanup parses."""
     return final.with_name(f".{final.name}.{os.getpid()}{TMP_MARK}{''.join(final.suffixes[-1:])}")
 
 
@@ -40,14 +41,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_pid(rest: str) -> int | None:
+    """The writer's pid in a temporary's name after ``.<final name>.``: the number just before ``.partial``
+    wherever it sits (``<pid>.partial.onnx``, a sidecar's ``json.<pid>.partial.json``, ``<pid>.old.partial``)."""
+    parts = rest.split(".")
+    if TMP_MARK[1:] not in parts:
+        return None
+    digits = [x for x in parts[:parts.index(TMP_MARK[1:])] if x.isdigit()]
+    return int(digits[-1]) if digits else None
+
+
 def remove_stale_temporaries(final: Path) -> list[Path]:
-    """Temporaries of ``final`` whose writer process is gone (killed mid-export); live writers' stay."""
+    """Temporaries of ``final`` and of its sidecar whose writer process is gone (killed mid-export); live
+    writers' stay."""
     removed = []
     prefix = f".{final.name}."
     for p in final.parent.glob(f".{final.name}.*"):
-        rest = p.name[len(prefix):]
-        pid = rest.split(".", 1)[0]
-        if TMP_MARK not in rest or not pid.isdigit() or _pid_alive(int(pid)):
+        pid = _writer_pid(p.name[len(prefix):])
+        if pid is None or _pid_alive(pid):
             continue
         remove(p)
         removed.append(p)
@@ -77,12 +88,23 @@ def publish(tmp: Path, final: Path) -> None:
         remove(aside)
 
 
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
 def write_json_atomic(path: str | Path, data: dict) -> Path:
+    """Write JSON under a temporary name (temp_path: carries the pid, so a killed writer's is cleaned up),
+    then rename; the temporary never outlives a failed write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_MARK}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        write_json(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import errors
-from .errors import InputFileError, MixformerDeployError, UsageError
+from .errors import InputFileError, InternalError, MixformerDeployError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,22 @@ def _worker_main(conn, subject: Subject) -> None:
         conn.close()
 
 
+def worker_died(name: str, exitcode: int | None) -> InternalError:
+    """A worker gone without a reply (a crash, an OOM kill) is not a verdict on the artifact: exit 70, never
+    1, which CI reads as "the artifact is wrong"."""
+    return InternalError(f"internal error: {name}: the benchmark worker exited (code {exitcode}) without answering; "
+                         "its stderr says why (code that starts benchmarks must be importable, e.g. behind "
+                         "`if __name__ == \"__main__\":`); rerun with --debug")
+
+
+def worker_error(type_name: str, message: str) -> MixformerDeployError:
+    """The worker's typed error by name; a name that is not one of ours is a bug (exit 70)."""
+    cls = getattr(errors, type_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MixformerDeployError)) or cls is MixformerDeployError:
+        cls = InternalError
+    return cls(message)
+
+
 class _Worker:
     """The parent's handle on one worker process."""
 
@@ -298,12 +314,9 @@ class _Worker:
             status, *reply = self.conn.recv()
         except (EOFError, OSError):
             self.proc.join(5)
-            raise MixformerDeployError(f"{self.subject.name}: benchmark worker exited (code {self.proc.exitcode}) "
-                                       "without answering (its stderr says why; code that starts benchmarks must be importable, "
-                                       "e.g. a script with an `if __name__ == \"__main__\":` guard)") from None
+            raise worker_died(self.subject.name, self.proc.exitcode) from None
         if status == "error":
-            cls = getattr(errors, reply[0], MixformerDeployError)
-            raise cls(f"{self.subject.name}: {reply[1]}")
+            raise worker_error(reply[0], f"{self.subject.name}: {reply[1]}")
         return reply[0]
 
     def close(self) -> None:

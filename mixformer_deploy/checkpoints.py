@@ -312,7 +312,9 @@ def save_safetensors(model: MixFormer, out: str | Path, extra: dict | None = Non
             "num_classes": str(model.cfg.num_classes)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    from .artifact import temp_path
+
+    tmp = temp_path(out)  # unique per writer: two conversions to one name never share a temporary
     try:
         save_file(sd, str(tmp), metadata=meta)
         tmp.replace(out)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .artifact import publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json_atomic
+from .artifact import (publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json,
+                       write_json_atomic)
 from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
 from .data import parse_size, photos
 from .errors import ArtifactError, CheckpointError, ExportError, InputFileError, RewriteError, UsageError, one_line
@@ -68,13 +69,17 @@ def parse_batch(batch: str | int | None) -> int | None:
     return n
 
 
-def output_path(output: str | Path | None, name: str, suffix: str) -> Path:
+def check_output(output: str | Path | None, suffix: str) -> Path:
+    """--output as given: a directory, or a path with the target's suffix (checked before any weights are read)."""
     out = Path(output) if output else Path("artifacts")
-    if out.name.lower().endswith(suffix):
-        return out
-    if out.suffix and not out.is_dir():
+    if out.suffix and not out.is_dir() and not out.name.lower().endswith(suffix):
         raise UsageError(f"--output {out} must be a directory or a path ending in {suffix}")
-    return out / name
+    return out
+
+
+def output_path(output: str | Path | None, name: str, suffix: str) -> Path:
+    out = check_output(output, suffix)
+    return out if out.name.lower().endswith(suffix) else out / name
 
 
 def target_options_of(target: Target, given: dict | None) -> dict:
@@ -142,6 +147,10 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
                          f"not {precision}")
     if calibration is not None and not Path(calibration).is_dir():
         raise InputFileError(f"calibration folder not found: {calibration}")
+    check_output(output, tgt.suffix)
+    if check is not False:
+        from .parity import check_input_options
+        check_input_options(inputs, accuracy_set, max_accuracy_drop)
     source = source or load_source(weights, variant, num_classes)
     h, w = resolve_size(source, img_size)
     options.height, options.width = h, w
@@ -189,7 +198,7 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
     try:
         tgt.export(deploy, options, tmp, manifest)
         manifest["size_bytes"] = sum(f.stat().st_size for f in tgt.files(tmp))
-        write_json_atomic(sidecar_path(tmp), manifest)
+        write_json(sidecar_path(tmp), manifest)  # a temporary already: its name carries the pid
         if check:
             from .parity import check_parity
             with _converter_rejects(tmp.name, final.name):

@@ -115,6 +115,9 @@ def compare(current: dict, baseline: dict, threshold: float, seed: int = 0) -> d
         have = "; ".join(sorted({"/".join(map(str, row_key(b))) for b in baseline["results"]})) or "none"
         raise InputFileError(f"the baseline does not fit this run: no baseline row matches (variant/input "
                              f"size/batch/precision/runtime/form) {wanted}; the baseline has {have}")
+    unjudged = [f"{e['artifact']} batch {e['batch']}" for e in rows if e["status"] == "no baseline"]
+    if unjudged:  # others matched, so the baseline fits: these few are reported, not silently passed
+        warnings.append(f"no baseline row for {', '.join(unjudged)}: not judged")
     verdict = "no verdict" if not same_machine else "regressed" if regressed else "ok"
     for w in warnings:
         log.warning("%s", w)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mixformer_deploy.bench import Policy, Subject, benchmark_subjects, latency_stats, plan, throughput
 from mixformer_deploy.cli.app import _load_commands, app
 from mixformer_deploy.errors import UsageError
-from mixformer_deploy.errors import InputFileError
+from mixformer_deploy.errors import InputFileError, InternalError
 from mixformer_deploy.regression import bootstrap_ratio, compare, parse_threshold
 from mixformer_deploy.reports.bench_json import SCHEMA, fingerprint, validate
 
@@ -107,6 +107,42 @@ def test_rounds_are_resampled_whole_and_a_baseline_that_does_not_fit_is_exit_4()
     other["results"][0]["variant"] = "B4"
     with pytest.raises(InputFileError, match="B1.*B4|does not fit"):
         compare(doc_with(draw(9)), other, threshold=0.1)
+
+
+def test_rows_without_a_baseline_row_are_named_in_a_warning():
+    current, base = doc_with(draw(10)), doc_with(draw(11))
+    extra = {**current["results"][0], "artifact": "b4.onnx", "variant": "B4"}
+    current["results"].append(extra)
+    reg = compare(current, base, threshold=0.1)
+    assert [r["status"] for r in reg["rows"]] == ["ok", "no baseline"]
+    assert any("b4.onnx batch 1" in w and "not judged" in w for w in reg["warnings"]), reg["warnings"]
+    assert not any("m.onnx" in w for w in reg["warnings"])
+
+
+def test_a_worker_that_dies_without_answering_is_an_internal_error_exit_70():
+    """A real worker process, killed (as a crash or the OOM killer would): exit 70 in one line, never 1."""
+    import multiprocessing
+    import signal
+
+    from mixformer_deploy.bench import _Worker
+
+    worker = _Worker(multiprocessing.get_context("spawn"),
+                     Subject("m.onnx", "artifact", "onnxruntime", "cpu", 1, {"input_size": [64, 64]}))
+    worker.proc.kill()
+    worker.proc.join(30)
+    with pytest.raises(InternalError) as e:
+        worker.call("load", 0)
+    worker.close()
+    assert e.value.exit_code == 70 and len(str(e.value).splitlines()) == 1
+    assert f"code {-signal.SIGKILL}" in str(e.value) and "rerun with --debug" in str(e.value)
+
+
+def test_a_worker_error_of_no_known_type_is_exit_70():
+    from mixformer_deploy.bench import worker_error
+
+    assert type(worker_error("ArtifactError", "m.onnx: bad")).__name__ == "ArtifactError"
+    for name in ("NoSuchError", "one_line", "MixformerDeployError", "Exception"):
+        assert worker_error(name, "m.onnx: boom").exit_code == 70, name
 
 
 def test_plan_skips_fixed_batch_and_nothing_runnable_is_usage_error():

@@ -52,6 +52,23 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.strip() == f"mixformer-deploy {__version__}"
 
 
+@pytest.mark.parametrize("args", [["--bogus"], ["-q", "--bogus"], ["--quiet=yes"], ["no-such-command"]])
+def test_root_option_errors_are_one_line_with_a_help_hint(args):
+    """Errors in the root's own options (parsed before any subcommand) are the contract's one line too."""
+    r = invoke(*args)
+    assert r.exit_code == 2
+    assert "--help" in one_error_line(r) and "╭" not in r.stdout + r.stderr
+
+
+def test_debug_is_accepted_after_the_subcommand_and_keeps_the_exit_code():
+    plain, late, early = invoke("info", "--variant", "B9"), invoke("info", "--variant", "B9", "--debug"), \
+        invoke("--debug", "info", "--variant", "B9")
+    assert plain.exit_code == late.exit_code == early.exit_code == 2
+    one_error_line(plain)
+    assert "Traceback" in late.stderr and "Traceback" in early.stderr
+    assert late.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
 # ---------------------------------------------------------------- info
 
 def test_info_random_b1_counts():

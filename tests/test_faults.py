@@ -124,3 +124,72 @@ def test_hostile_artifacts_are_one_line_and_exit_4(hostile, command, tmp_path):
         assert r.exit_code == 4, (name, r.exit_code, r.stderr[-400:])
         assert lines and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, (name, r.stderr[-400:])
         assert time.perf_counter() - start < 60, name
+
+
+# ---------------------------------------------------------------- temporaries of killed writers
+
+def test_a_killed_writers_json_temporaries_are_cleaned_and_a_live_writers_kept(tmp_path):
+    """A writer killed mid-sidecar (a real process, dying at the rename) leaves temporaries that carry its
+    pid: the cleanup before the next export removes them, and keeps those of a writer still alive."""
+    from mixformer_deploy.artifact import remove_stale_temporaries, sidecar_path, temp_path, write_json
+
+    final = tmp_path / NAME
+    child = ("import os, sys; from pathlib import Path; from mixformer_deploy import artifact as a; "
+             "final = Path(sys.argv[1]); a.write_json(a.sidecar_path(a.temp_path(final)), {}); "
+             "os.replace = lambda *_: os._exit(9); a.write_json_atomic(a.sidecar_path(final), {})")
+    assert subprocess.run([sys.executable, "-c", child, str(final)]).returncode == 9
+    dead = sorted(tmp_path.iterdir())
+    assert len(dead) == 2 and all(".partial" in p.name for p in dead), dead
+    live = [write_json(temp_path(sidecar_path(final)), {}), write_json(sidecar_path(temp_path(final)), {})]
+    assert sorted(remove_stale_temporaries(final)) == dead
+    assert sorted(tmp_path.iterdir()) == sorted(live)
+
+
+# ---------------------------------------------------------------- as a user meets it
+
+def _one_line(r, code: int) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), (r.exit_code, r.stderr)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """An artifact of seeded random weights (predict warns about it) and an image to predict on."""
+    from skimage import data as skdata
+    from skimage.io import imsave
+
+    root = tmp_path_factory.mktemp("seeded")
+    imsave(root / "cat.png", skdata.chelsea())
+    return export(variant="B0", num_classes=10, img_size=32, output=root, check=False).path, root / "cat.png"
+
+
+def test_options_are_checked_before_anything_is_printed(tmp_path, seeded):
+    """Each bad option is the only stderr line: no 'inferred B0 ...' or seeded-weights warning first."""
+    artifact, image = seeded
+    _one_line(CliRunner().invoke(app, ["export", "--output", str(tmp_path / "foo.txt")]), 2)
+    _one_line(CliRunner().invoke(app, ["export", "--weights", str(WEIGHTS), "--accuracy-set",
+                                       str(tmp_path / "missing")]), 4)
+    _one_line(CliRunner().invoke(app, ["predict", str(tmp_path / "nope.png")]), 4)
+    assert "tpu" in _one_line(CliRunner().invoke(app, ["predict", str(image), "--artifact", str(artifact),
+                                                       "--device", "tpu"]), 2)
+    from mixformer_deploy.errors import InputFileError
+    with pytest.raises(InputFileError, match="inputs 'nope'"):  # before the (missing) weights are looked at
+        export(tmp_path / "missing.pt", inputs=("nope",), output=tmp_path)
+
+
+@pytest.mark.parametrize("args, code", [(["--weights", "/nonexistent/m.pt"], 4), (["--img-size", "225"], 2)])
+def test_debug_and_quiet_never_change_exit_codes_before_or_after_the_subcommand(args, code):
+    for before, after in (([], []), (["--debug"], []), ([], ["--debug"]), ([], ["--quiet"]), (["-q"], [])):
+        r = CliRunner().invoke(app, [*before, "export", *args, *after])
+        assert r.exit_code == code, (before, after, r.stderr)
+        assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert ("Traceback" in r.stderr) == ("--debug" in before + after), r.stderr  # --debug took effect
+
+
+def test_quiet_export_leaves_only_warnings_and_errors(tmp_path):
+    loud = CliRunner().invoke(app, ["export", "--weights", str(WEIGHTS), "--img-size", "64", "-o", str(tmp_path)])
+    assert loud.exit_code == 0 and "PASS" in loud.stderr, loud.stderr
+    r = CliRunner().invoke(app, ["export", "--weights", str(WEIGHTS), "--img-size", "64", "-o", str(tmp_path), "-q"])
+    assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / NAME)
+    assert [line for line in r.stderr.splitlines() if "warning" not in line.lower()] == [], r.stderr

@@ -207,6 +207,20 @@ def test_junit_counts_failures(tmp_path, bad_report, good):
     assert suite.get("failures") == "0" and all(c.find("failure") is None for c in cases)
 
 
+def test_junit_failure_quotes_the_worst_inputs_own_error_and_bound_and_the_observed_figures():
+    from mixformer_deploy.reports.junit import build_junit
+
+    tol = Tolerance(atol=0.0, rtol=1e-3, min_cosine=0.0)
+    r = np.array([[1000.0, 0.0, 0.0], [1.0, 0.5, 0.0]])
+    m = compare_outputs(r + np.array([[0.5, 0.0, 0.0], [0.01, 0.0, 0.0]]), r, tol, ids=["big", "small"]).to_dict()
+    d = {"artifact": "m.onnx", "tolerance": {"atol": 0.0, "rtol": 1e-3, "min_cosine": 0.0}, "overall": m,
+         "sets": {"photos": m}}
+    case = build_junit(d).getroot().find("testsuite").find("testcase")
+    message = case.find("failure").get("message")
+    assert message.startswith("max|a-r| 0.01 > 0.001 on small"), message  # not the pooled 0.5 of "big"
+    assert "observed: max|a-r| 0.5, implying rtol 0.01 at atol 0" in message and "smallest" not in message
+
+
 # ---------------------------------------------------------------- CLI
 
 def _invoke(*args):

@@ -25,7 +25,18 @@ class _ErrorMappingGroup(TyperGroup):
         # --debug / --quiet are global: accept them after the subcommand too
         flags = [a for a in args if a in GLOBAL_FLAGS]
         rest = [a for a in args if a not in GLOBAL_FLAGS]
+        # known before parsing, so that an error in the root's own options honours --debug too
+        _state["debug"], _state["quiet"] = "--debug" in flags, bool({"--quiet", "-q"} & set(flags))
         return super().parse_args(ctx, flags + rest)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # the root's own options are parsed here, outside invoke: without this Typer prints a boxed panel
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as e:
+            if _is(e, "UsageError") and not _is(e, "NoArgsIsHelpError"):  # no arguments: the help, as before
+                _usage_error(e, None, info_name)
+            raise
 
     def invoke(self, ctx):
         try:
@@ -39,9 +50,7 @@ class _ErrorMappingGroup(TyperGroup):
             raise typer.Exit(130) from None
         except Exception as e:  # a bug: never 1, which CI reads as "the artifact is wrong"
             if _is(e, "UsageError"):  # the (vendored) Click's own parsing: a bad option or value
-                ctx_ = getattr(e, "ctx", None)
-                where = f" (see {ctx_.command_path} --help)" if ctx_ else " (see --help)"
-                _fail(e, 2, e.format_message().splitlines()[0] + where)
+                _usage_error(e, ctx)
             if _is(e, "Abort") or _is(e, "Exit"):
                 raise
             _fail(e, INTERNAL_EXIT, f"internal error: {one_line(e, 200)} "
@@ -51,6 +60,16 @@ class _ErrorMappingGroup(TyperGroup):
 def _is(e: BaseException, name: str) -> bool:
     """Click's exceptions by name: Typer vendors its own copy of Click, so there is no class to import."""
     return any(c.__name__ == name for c in type(e).__mro__)
+
+
+def _usage_error(e: BaseException, group_ctx, prog: str | None = None) -> None:
+    """Click's parse errors as the contract's one line (exit 2), with the --help of the command concerned:
+    the error's own context, else the subcommand being invoked (a missing option value carries none)."""
+    where = getattr(e, "ctx", None)
+    path = where.command_path if where else group_ctx.command_path if group_ctx else prog
+    if not where and group_ctx is not None and group_ctx.invoked_subcommand:
+        path = f"{path} {group_ctx.invoked_subcommand}"
+    _fail(e, 2, e.format_message().splitlines()[0] + (f" (see {path} --help)" if path else " (see --help)"))
 
 
 def _fail(e: BaseException, code: int, message: str):

@@ -175,20 +175,22 @@ def classify(source: Path, images: list[Path], runtime: str, device: str, top: i
     from ..parity import artifact_manifest, fixed_batch, run_batched
     from ..runtimes import open_runner
 
-    manifest = artifact_manifest(source)
-    if manifest.get("head") == "none":
-        raise UsageError(f"{source.name} is a backbone (feature maps, no logits): predict needs a classifier artifact")
-    height, width = (int(v) for v in manifest["input_size"])
-    prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
-    labels = manifest.get("labels")
-    if manifest.get("seed") is not None and not (manifest.get("weights") or {}).get("sha256"):
-        import logging
-        logging.getLogger(__name__).warning(
-            "this artifact holds seeded random weights (seed %s): its predictions mean nothing", manifest["seed"])
-    x = np.stack([data.preprocess(data.read_image(p), height, width, prep) for p in images])
-    with quiet_logger("mixformer_deploy.checkpoints"):  # already reported by artifact_manifest
+    # the images, the runtime and its device first: a bad one is the only line, nothing printed before it
+    raw = [data.read_image(p) for p in images]
+    with quiet_logger("mixformer_deploy.checkpoints"):  # reported once, by artifact_manifest below
         runner = open_runner(source, runtime, device, options=options)
     try:
+        manifest = artifact_manifest(source)
+        if manifest.get("head") == "none":
+            raise UsageError(f"{source.name} is a backbone (feature maps, no logits): predict needs a classifier artifact")
+        height, width = (int(v) for v in manifest["input_size"])
+        prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
+        labels = manifest.get("labels")
+        if manifest.get("seed") is not None and not (manifest.get("weights") or {}).get("sha256"):
+            import logging
+            logging.getLogger(__name__).warning(
+                "this artifact holds seeded random weights (seed %s): its predictions mean nothing", manifest["seed"])
+        x = np.stack([data.preprocess(img, height, width, prep) for img in raw])
         probs = _softmax(run_batched(runner, x, fixed_batch(manifest)))
     finally:
         runner.close()

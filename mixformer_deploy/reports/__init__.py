@@ -30,7 +30,12 @@ def write_bench_report(docs: list[dict], output: str | Path) -> tuple[Path, dict
         with tempfile.TemporaryDirectory() as work:
             text = bench_html(docs, report_plots(docs, Path(work), output.stem))
         plots = {}
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
+    from ..artifact import temp_path
+
+    tmp = temp_path(output)  # unique per writer, and gone if the write fails
+    try:
+        tmp.write_text(text)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
     return output, plots

@@ -1,8 +1,10 @@
 """Parity as JUnit XML, the format CI systems (GitLab, Jenkins, GitHub test reporters) render as tests.
 
 One testsuite "parity". The pass rule is split into testcases whose failures add up to the gate exactly:
-one per input set for the max-abs bound (the bound is over all inputs, so the whole fails iff a set
-does), one for the cosine over all inputs, one for the margin-gated top-1 agreement.
+one per input set for the max-abs bound (applied per input, each against its own max|r|, so the whole
+fails iff a set does), one for the per-input cosine (the worst input's), one for the margin-gated top-1
+agreement. A failure quotes the worst input's own error against that input's own bound, and the
+observed figures (max|a-r| and the rtol it implies at atol 0) instead of a tolerance to loosen.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ def _cases(d: dict) -> list[tuple[str, str | None, str]]:
     where = f"; first diverging stage: {d['first_failing_stage']}" if d.get("first_failing_stage") else ""
     cases = []
     for name, m in d["sets"].items():
+        worst = m.get("worst_input_name") or f"input {m['worst_input']}"
         failure = None if m["max_abs_ok"] else (
-            f"max|a-r| {_g(m['max_abs'])} > {_g(m['bound'])} (atol {tol['atol']:g} + rtol {tol['rtol']:g} x "
-            f"max|r| {_g(m['max_ref_abs'])}); smallest passing atol {_g(m['smallest_atol'])}{where}")
+            f"max|a-r| {_g(m['worst_abs'])} > {_g(m['bound'])} on {worst} (atol {tol['atol']:g} + rtol "
+            f"{tol['rtol']:g} x its max|r| {_g(m['max_ref_abs'])}); observed: max|a-r| {_g(m['max_abs'])}, "
+            f"implying rtol {_g(m['implied_rtol'])} at atol 0{where}")
         cases.append((f"logits within tolerance on {name} ({m['count']} inputs)", failure, json.dumps(m, indent=2)))
     cos_fail = None if overall["cosine_ok"] else (
-        f"cosine {_g(overall['cosine'], '.8f')} < {tol['min_cosine']:g} "
-        f"(min per-input {_g(overall['min_sample_cosine'], '.8f')})"
-        f"{where}")
-    cases.append((f"cosine over all inputs >= {tol['min_cosine']:g}", cos_fail,
+        f"per-input cosine {_g(overall['min_sample_cosine'], '.8f')} < {tol['min_cosine']:g} (worst input; "
+        f"pooled cosine {_g(overall['cosine'], '.8f')}){where}")
+    cases.append((f"cosine of each input >= {tol['min_cosine']:g}", cos_fail,
                   f"cosine {overall['cosine']}; min per-input {overall['min_sample_cosine']}"))
     top1_fail = None if overall["top1_ok"] else (
         f"top-1 differs on {overall['gated_disagreements']} of {overall['gated']} inputs whose reference margin "
@@ -95,9 +98,11 @@ def build_junit(report) -> ET.ElementTree:
 
 def write_junit(report, path: str | Path) -> Path:
     """Write the JUnit XML to ``path`` atomically (a temporary name, then rename), so CI never reads half."""
+    from ..artifact import temp_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)  # unique per writer: two runs writing one report never share a temporary
     try:
         build_junit(report).write(tmp, encoding="utf-8", xml_declaration=True)
         os.replace(tmp, path)
