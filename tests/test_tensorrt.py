@@ -230,6 +230,19 @@ def test_engine_builds_and_matches_the_onnx(exported, tiny):  # pragma: no cover
     runner = TensorRtRunner.load(engine, device="cuda")
     assert _rel(runner.run(tiny["x"][:1]), tiny["ref"][:1]) < 1e-3
     assert runner.describe()["gpu_compute_ms_median"] is not None
+    times = runner.take_gpu_times()
+    assert len(times) == 1 and times[0] > 0 and runner.take_gpu_times() == []
+
+
+def test_engine_runner_hands_bench_its_gpu_times():
+    """bench reads take_gpu_times() after each round (describe() only once, at load, before any run)."""
+    from mixformer_deploy.runtimes.tensorrt_runner import TensorRtRunner
+    from mixformer_deploy.runtimes.torch_runner import CudaEventTimes
+
+    runner = object.__new__(TensorRtRunner)   # no engine here: only the bookkeeping bench relies on
+    runner._gpu = CudaEventTimes()
+    runner._gpu.ms += [0.5, 0.25]
+    assert runner.take_gpu_times() == [0.5, 0.25] and runner.take_gpu_times() == []
 
 
 # ---------------------------------------------------------------- trt-lint

@@ -19,6 +19,7 @@ import torch
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
 from .base import Runner, packed
 from .cuda_graphs import CudaGraphed
+from .torch_runner import CudaEventTimes
 
 log = logging.getLogger(__name__)
 TRUE, FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -121,8 +122,7 @@ class AotiRunner(Runner):
             raise UsageError("cuda_graphs=on needs a CUDA package on --device cuda")
         self.cuda_graphs = self._dev.type == "cuda" and (opt in TRUE or (self.fixed_batch is not None and opt not in FALSE))
         self._graphed = None
-        self._events = None
-        self._gpu_ms: list[float] = []
+        self._gpu = CudaEventTimes()
         self._graph_note = None
         index = self._dev.index if self._dev.type == "cuda" and self._dev.index is not None else -1
         try:
@@ -183,11 +183,8 @@ class AotiRunner(Runner):
         self._check(batch)
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._dev)
         if self._dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            y = self._call(x)
-            end.record()
-            self._events = (start, end)
+            with self._gpu.record():   # the package's work only, not the host copies
+                y = self._call(x)
         else:
             y = self._call(x)
         try:
@@ -198,20 +195,17 @@ class AotiRunner(Runner):
     def sync(self) -> None:
         if self._dev.type == "cuda":
             torch.cuda.synchronize(self._dev)
-            if self._events is not None:
-                self._gpu_ms.append(self._events[0].elapsed_time(self._events[1]))
-                self._events = None
+            self._gpu.collect()
 
     def gpu_time_ms(self) -> float | None:
         """GPU time of the last run (CUDA events around the launch or graph replay), None on the CPU."""
         self.sync()
-        return self._gpu_ms[-1] if self._gpu_ms else None
+        return self._gpu.last()
 
     def take_gpu_times(self) -> list[float]:
         """Every GPU time (ms) measured since the last call, oldest first; empties the list."""
         self.sync()
-        out, self._gpu_ms = self._gpu_ms, []
-        return out
+        return self._gpu.take()
 
     def describe(self) -> dict:
         compile_settings = self.manifest.get("compile") or {}
@@ -220,7 +214,7 @@ class AotiRunner(Runner):
              "inductor_configs": compile_settings.get("inductor_configs")}
         if self._dev.type == "cuda":
             d.update(cuda_graphs=self.cuda_graphs, gpu=torch.cuda.get_device_name(self._dev),
-                     gpu_time_ms_last=self._gpu_ms[-1] if self._gpu_ms else None)
+                     gpu_time_ms_last=self._gpu.last())
             if self._graph_note:
                 d["note"] = self._graph_note
         return d

@@ -3,7 +3,8 @@
 Device buffers are torch CUDA tensors (no pycuda/cuda-python dependency); inference is
 ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on a torch CUDA stream, the API
 TensorRT 10.x and 11.x document (the binding-index APIs were removed in 10.0). GPU compute time is
-measured with CUDA events around ``execute_async_v3`` and reported beside wall time, as trtexec does.
+measured with CUDA events around ``execute_async_v3`` and reported beside wall time, as trtexec does
+(``take_gpu_times()``, which bench reads into each row's ``gpu_ms``).
 
 An engine is tied to a GPU and a TensorRT version: built for another compute capability (and not
 hardware-compatible) -> MissingBackendError (exit 3: the hardware it needs is not here); built by
@@ -64,7 +65,8 @@ class TensorRtRunner(Runner):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.gpu_ms: list[float] = []
+        from .torch_runner import CudaEventTimes
+        self._gpu = CudaEventTimes()
 
     @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "TensorRtRunner":
@@ -111,26 +113,30 @@ class TensorRtRunner(Runner):
             shape = tuple(self.context.get_tensor_shape(out))
             outs[out] = torch.empty(shape, dtype=self._dtype(out), device=self.device)
             self.context.set_tensor_address(out, outs[out].data_ptr())
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # x's copy is done
-            start.record(self.stream)
-            ok = self.context.execute_async_v3(self.stream.cuda_stream)
-            end.record(self.stream)
+            with self._gpu.record(self.stream):
+                ok = self.context.execute_async_v3(self.stream.cuda_stream)
         self.stream.synchronize()
+        self._gpu.collect()
         if not ok:
             raise ArtifactError(f"{self.path.name}: TensorRT inference failed on input {tuple(x.shape)}")
-        self.gpu_ms.append(start.elapsed_time(end))
         return packed(outs[o].float().cpu().numpy() for o in self.outputs)
 
     def sync(self) -> None:
         self.stream.synchronize()
 
+    def take_gpu_times(self) -> list[float]:
+        """Every GPU compute time (ms) since the last call, oldest first; empties the list. Without it
+        bench saw no TensorRT GPU time: describe() is read once, at load, before any run."""
+        return self._gpu.take()
+
     def describe(self) -> dict:
         props = self.torch.cuda.get_device_properties(int(self.device.split(":")[1]))
-        gpu = {"gpu_compute_ms_median": round(statistics.median(self.gpu_ms), 4) if self.gpu_ms else None,
-               "gpu_compute_ms_mean": round(statistics.fmean(self.gpu_ms), 4) if self.gpu_ms else None,
-               "gpu_compute_runs": len(self.gpu_ms)}
+        ms = self._gpu.ms
+        gpu = {"gpu_compute_ms_median": round(statistics.median(ms), 4) if ms else None,
+               "gpu_compute_ms_mean": round(statistics.fmean(ms), 4) if ms else None,
+               "gpu_compute_runs": len(ms)}
         return {**super().describe(), "tensorrt": self.trt.__version__, "gpu": props.name,
                 "compute_capability": f"{props.major}.{props.minor}", **gpu}
 

@@ -1,9 +1,11 @@
 """PyTorch eager: the reference every artifact is compared with, and a runtime of its own (CPU or CUDA,
-fp32 or fp16, reference model or deploy form)."""
+fp32 or fp16, reference model or deploy form). On CUDA it replays static shapes from CUDA graphs and
+times each call with CUDA events beside the caller's wall time."""
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +27,52 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+class CudaEventTimes:
+    """GPU compute time of each call from a pair of CUDA events around its launches (or graph replay).
+
+    The pair is read at the next ``collect`` (the runner's sync, or the next call), not at once: reading
+    it inside the call would make the call wait for the GPU. Shared by the torch, AOTInductor and TensorRT
+    runners, whose ``take_gpu_times()`` bench reads into each row's ``gpu_ms``."""
+
+    def __init__(self):
+        self.ms: list[float] = []
+        self._pending = None
+
+    @contextmanager
+    def record(self, stream=None):
+        self.collect()   # a call made without a sync in between still counts
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self._pending = (start, end)
+
+    def collect(self) -> None:
+        if self._pending is not None:
+            start, end = self._pending
+            self._pending = None
+            end.synchronize()   # returns at once after the caller's sync
+            self.ms.append(start.elapsed_time(end))
+
+    def last(self) -> float | None:
+        return self.ms[-1] if self.ms else None
+
+    def take(self) -> list[float]:
+        """Every GPU time (ms) since the last take, oldest first; empties the list."""
+        out, self.ms = self.ms, []
+        return out
+
+
 class TorchRunner(Runner):
     key = "torch"
     dists = ("torch",)
     option_help = {"precision": "fp32 or fp16 (fp16 needs CUDA)", "form": "reference or deploy",
-                   "cuda_graphs": "on|off: replay from CUDA graphs, one per input shape (CUDA only; default on)"}
+                   "cuda_graphs": "on|off: replay from CUDA graphs, one per input shape (CUDA only; default on; "
+                                  "off runs eager, the naive path)"}
     option_choices = {"precision": ("fp32", "fp16"), "form": ("reference", "deploy"), "cuda_graphs": ("on", "off")}
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", precision: str = "fp32",
-                 deploy: bool = False, threads: int | None = None):
+                 deploy: bool = False, threads: int | None = None, cuda_graphs: bool = True):
         if precision not in ("fp32", "fp16"):
             raise UsageError(f"the torch runtime runs fp32 or fp16, not {precision!r}")
         if precision == "fp16" and resolve_device(device).type != "cuda":
@@ -47,6 +86,8 @@ class TorchRunner(Runner):
             torch.backends.cuda.matmul.allow_tf32 = False
         self.reference = model.eval()
         self._models: dict[tuple[int, int] | None, torch.nn.Module] = {}  # None: the size-agnostic reference
+        self.cuda_graphs = cuda_graphs   # on CUDA: static shapes replayed from captured graphs (no launch overhead)
+        self._gpu = CudaEventTimes()
         if threads:
             torch.set_num_threads(threads)
 
@@ -72,10 +113,8 @@ class TorchRunner(Runner):
         form = options.get("form", "reference")
         if form not in ("reference", "deploy"):
             raise UsageError(f"bad torch runtime option form={form!r}: reference or deploy")
-        runner = cls(load_checkpoint(Path(artifact)).model, device, options.get("precision", "fp32"),
-                     form == "deploy", threads)
-        runner.cuda_graphs = options.get("cuda_graphs", "on") == "on"
-        return runner
+        return cls(load_checkpoint(Path(artifact)).model, device, options.get("precision", "fp32"),
+                   form == "deploy", threads, options.get("cuda_graphs", "on") == "on")
 
     def _model_for(self, h: int, w: int) -> torch.nn.Module:
         """The module to run at this size: the reference itself on CPU fp32, else a converted copy (the
@@ -92,19 +131,28 @@ class TorchRunner(Runner):
             self._models[key] = model.to(self._dev, self._dtype).eval()
         return self._models[key]
 
-    cuda_graphs = True   # on CUDA: replay static shapes from captured graphs (launch overhead gone)
-
     @torch.no_grad()
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        model = self._model_for(*batch.shape[-2:])
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev, self._dtype)
+    def run_tensor(self, x: torch.Tensor):
+        """An NCHW tensor already on the device -> float32 outputs on the device, no host copies (what the
+        GPU check times). From CUDA graphs the result is the graph's static output: copy it to keep it."""
+        model = self._model_for(*x.shape[-2:])
+        x = x.to(self._dtype)
         if self._dev.type == "cuda" and self.cuda_graphs:
-            key = ("graph", *batch.shape[-2:])
+            key = ("graph", *x.shape[-2:])
             if key not in self._models:
                 from .cuda_graphs import CudaGraphed
                 self._models[key] = CudaGraphed(lambda t, m=model: _float(m(t)), self._dev)
-            return _numpy(self._models[key](x))
-        return _numpy(_float(model(x)))
+            return self._models[key](x)
+        return _float(model(x))
+
+    @torch.no_grad()
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev, self._dtype)
+        if self._dev.type != "cuda":
+            return _numpy(self.run_tensor(x))
+        with self._gpu.record():   # the model's work only: the host copies are wall time, not GPU compute
+            y = self.run_tensor(x)
+        return _numpy(y)
 
     @torch.no_grad()
     def run_stages(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -115,10 +163,30 @@ class TorchRunner(Runner):
     def sync(self) -> None:
         if self._dev.type == "cuda":
             torch.cuda.synchronize(self._dev)
+            self._gpu.collect()
+
+    def gpu_time_ms(self) -> float | None:
+        """GPU time of the last run (CUDA events), None on the CPU."""
+        self.sync()
+        return self._gpu.last()
+
+    def take_gpu_times(self) -> list[float]:
+        """Every GPU time (ms) measured since the last call, oldest first; empties the list (bench's gpu_ms)."""
+        self.sync()
+        return self._gpu.take()
 
     def describe(self) -> dict:
-        return {**super().describe(), "form": "deploy" if self.deploy else "reference",
-                "cuda_graphs": self._dev.type == "cuda" and self.cuda_graphs}
+        d = {**super().describe(), "form": "deploy" if self.deploy else "reference",
+             "cuda_graphs": self._dev.type == "cuda" and self.cuda_graphs}
+        if self._dev.type == "cuda":
+            d["gpu_time_ms_last"] = self._gpu.last()
+        return d
+
+    def close(self) -> None:
+        """Drop the converted copies and captured graphs (the caller's model is kept): GPU memory back."""
+        self._models.clear()
+        if self._dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _float(out):
