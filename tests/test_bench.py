@@ -240,6 +240,17 @@ def test_bench_gate_exits_1_on_planted_regression(bench_run, tiny):
     assert re.search(r"error: latency regression: tiny\.safetensors batch 1: p50 .* \(\+\d+%", r.stderr)
 
 
+def test_a_baseline_that_does_not_fit_is_exit_4_and_keeps_the_run(bench_run, tiny, tmp_path):
+    _, out = bench_run
+    doc = json.loads((out / "r.json").read_text())
+    for row in doc["results"]:
+        row["variant"] = "B4"
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    r = invoke("bench", tiny, *FAST, "--no-floor", "--baseline", tmp_path / "other.json", "--json", tmp_path / "new.json")
+    assert r.exit_code == 4, (r.stdout, r.stderr, r.exception)
+    assert json.loads((tmp_path / "new.json").read_text())["results"]
+
+
 def test_bench_usage_and_input_errors(tmp_path, tiny):
     r = invoke("bench", tiny, "--max-regression", "lots")
     assert r.exit_code == 2 and "max-regression" in r.stderr

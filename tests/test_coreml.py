@@ -186,6 +186,21 @@ def test_numpy_evaluation_of_the_program_matches_pytorch(artifacts, deploy):
         mil_reference(artifacts["app"][0], x)
 
 
+def test_app_facing_forms_skip_the_gate_and_say_why(tmp_path):
+    """On a Mac the runner could predict, but only the plain form is the contract's function: export skips
+    parity for app-facing forms (and refuses --check) instead of failing after the conversion."""
+    from mixformer_deploy.export_api import export
+
+    target = get_target("coreml")
+    plain = ExportOptions(SIZE, SIZE, 1, "fp16", (), None, {"image_input": False, "classifier": False})
+    assert target.unjudged_form(plain) is None
+    app = ExportOptions(SIZE, SIZE, 1, "fp16", (), None, {"image_input": True, "classifier": True})
+    assert "--image-input --classifier" in target.unjudged_form(app)
+    with pytest.raises(UsageError, match="plain form"):
+        export(target="coreml", precision="fp16", output=tmp_path, check=True, target_options={"classifier": True})
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- the runner
 
 def test_runner_says_prediction_needs_macos_or_predicts(artifacts):

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import GateError, UsageError
+from ..errors import GateError, InputFileError, UsageError
 from ..runtimes import keys as runtime_keys
 from ..runtimes import parse_runtime_options
 from .app import app, show_progress, quiet_logger, console as make_console
@@ -149,7 +149,12 @@ def bench(
         doc = benchmark(artifacts, runtime.value, device, batches, threads, policy, with_reference, weights,
                         floor=not no_floor, progress=tick, runtime_options=parse_runtime_options(runtime_option))
     if base is not None:
-        doc["regression"] = compare(doc, base, threshold)
+        try:
+            doc["regression"] = compare(doc, base, threshold)
+        except InputFileError:
+            if json_out:   # a baseline that does not fit (exit 4) does not lose the run
+                write_results(json_out, doc)
+            raise
     if json_out:
         write_results(json_out, doc)
     if markdown:

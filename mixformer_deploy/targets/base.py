@@ -108,6 +108,11 @@ class Target(ABC):
         if options.precision not in self.precisions:
             raise UsageError(f"{self.key} exports {' or '.join(self.precisions)}, not {options.precision!r}")
 
+    def unjudged_form(self, options: ExportOptions) -> str | None:
+        """Why parity cannot judge the artifact these options make (an app-facing form whose inputs or
+        outputs are not the contract's tensors), or None. Export then skips the gate and records why."""
+        return None
+
     @abstractmethod
     def export(self, deploy_model: torch.nn.Module, options: ExportOptions, out: Path, manifest: dict) -> dict:
         """Write the artifact to ``out`` (a temporary path beside the final one; the caller renames it)
