@@ -20,6 +20,7 @@ import numpy as np
 
 from ..backends import version_of
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
+from ..formats.coreml import INPUT, LOGITS, check_weights, coremltools, read_spec, spec_manifest, spec_path
 from .base import Runner, packed
 
 FEATURES = "features_"   # a backbone's outputs: features_0 ... features_3
@@ -41,12 +42,10 @@ class CoreMlRunner(Runner):
                                     "cpu_and_gpu or cpu_and_ne (CPU + Neural Engine)"}
 
     def __init__(self, path: Path, device: str, threads: int | None, compute_units: str):
-        from ..targets.coreml import INPUT, LOGITS, check_weights, coremltools, read_spec
-
-        ct = coremltools()
         self.path, self.threads = Path(path), threads
         spec = read_spec(self.path)        # ArtifactError on any OS
         check_weights(self.path, spec)
+        ct = coremltools()
         if not can_predict():
             raise MissingBackendError(NEEDS_MACOS)
         self.compute_units = compute_units
@@ -60,8 +59,7 @@ class CoreMlRunner(Runner):
         if first.WhichOneof("Type") == "multiArrayType" and not first.multiArrayType.HasField("shapeRange"):
             self.fixed_batch = int(first.multiArrayType.shape[0])
         try:
-            embedded = read_embedded_quiet(self.path)
-            self.precision = embedded.get("precision", "fp32")
+            self.precision = (spec_manifest(spec, self.path.name) or {}).get("precision", "fp32")
         except ArtifactError:
             self.precision = "fp32"
         try:
@@ -121,11 +119,6 @@ class CoreMlRunner(Runner):
 
     def close(self) -> None:
         self.model = None
-
-
-def read_embedded_quiet(path: Path) -> dict:
-    from ..targets.coreml import CoreMlTarget
-    return CoreMlTarget().read_embedded(path) or {}
 
 
 # ---------------------------------------------------------------------- numpy reference of the program
@@ -252,8 +245,6 @@ class MilReference:
     check of the conversion on machines without Core ML, not a Core ML prediction."""
 
     def __init__(self, package: str | Path):
-        from ..targets.coreml import INPUT, LOGITS, coremltools, read_spec, spec_path
-
         coremltools()
         from coremltools.converters.mil.frontend.milproto.load import load as load_program
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..backends import require
 from ..errors import ArtifactError, UsageError, one_line
+from ..formats.executorch import load_program, program_manifest
 from .base import Runner
 
 
@@ -22,7 +23,6 @@ class ExecuTorchRunner(Runner):
         if device not in ("cpu", "auto"):
             raise UsageError(f"executorch runs on cpu here (XNNPACK), not {device!r}")
         self.torch = require("torch", self.extra)
-        from ..targets.executorch import MANIFEST_METHOD, load_program
 
         self.path, self.device, self.threads = Path(path), "cpu", threads
         if threads:
@@ -39,13 +39,10 @@ class ExecuTorchRunner(Runner):
             raise ArtifactError(f"{self.path.name}: no forward method")
         meta = self.program.metadata("forward")
         self.input_shape = tuple(meta.input_tensor_meta(0).sizes())
-        self.precision = "fp32"
-        if MANIFEST_METHOD in self.program.method_names:
-            try:
-                from ..targets.executorch import ExecuTorchTarget
-                self.precision = (ExecuTorchTarget().read_embedded(self.path) or {}).get("precision", "fp32")
-            except ArtifactError:
-                pass
+        try:
+            self.precision = (program_manifest(self.program, self.path.name) or {}).get("precision", "fp32")
+        except ArtifactError:
+            self.precision = "fp32"
 
     @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "ExecuTorchRunner":

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..backends import require
 from ..errors import ArtifactError, UsageError, one_line
+from ..formats.litert import embedded_manifest
 from .base import Runner
 
 
@@ -22,11 +23,8 @@ class LiteRtRunner(Runner):
         if device not in ("cpu", "auto"):
             raise UsageError(f"litert runs on cpu here (XNNPACK), not {device!r}")
         interp = require("ai_edge_litert.interpreter", self.extra)
-        from ..targets.litert import LiteRtTarget
-
         self.path, self.device, self.threads = Path(path), "cpu", threads
-        target = LiteRtTarget()
-        manifest = target.read_embedded(self.path) or {}  # ArtifactError for a file that is not a .tflite
+        manifest = embedded_manifest(self.path) or {}  # ArtifactError for a file that is not a .tflite
         self.precision = manifest.get("precision", "fp32")
         resolver = interp.OpResolverType.AUTO if xnnpack else interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.xnnpack = xnnpack

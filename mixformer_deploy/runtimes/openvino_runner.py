@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backends import require
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
+from ..formats.openvino import BIN, XML, embedded_manifest, ir_files, verify_weights
 from .base import Runner, packed
 
 EXECUTION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -55,13 +56,14 @@ class OpenVinoRunner(Runner):
     }
 
     def __init__(self, path: Path, device: str, threads: int | None, options: dict[str, str]):
-        from ..targets.openvino import BIN, XML, ir_files, read_rt_info, verify_weights
-
         ov = _ov()
         self.path, self.threads = Path(path), threads
         xml, bin_ = ir_files(self.path)
         verify_weights(self.path)
-        self.manifest = self._read_manifest(read_rt_info)
+        try:
+            self.manifest = embedded_manifest(self.path) or {}
+        except ArtifactError:  # a manifest that is not JSON: run the IR as what it is, fp32
+            self.manifest = {}
         self.core = ov.Core()
         self.device = _device_name(self.core, device)
         self.config = self._config(options)
@@ -77,13 +79,6 @@ class OpenVinoRunner(Runner):
     @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "OpenVinoRunner":
         return cls(Path(artifact), device, threads, cls.check_options(options))
-
-    def _read_manifest(self, read_rt_info) -> dict:
-        import json
-        try:
-            return json.loads(read_rt_info(self.path).get("manifest") or "{}")
-        except ValueError:
-            return {}
 
     def _config(self, options: dict[str, str]) -> dict:
         artifact_precision = self.manifest.get("precision", "fp32")

@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from ..backends import require
-from ..errors import ArtifactError, ExportError, MissingBackendError, UsageError, one_line
+from ..errors import ArtifactError, ExportError, UsageError, one_line
+from ..formats.coreml import (INPUT, LOGITS, all_ops, check_weights, coremltools, embedded_manifest, main_block,
+                              read_spec, spec_path)
 from ..manifest import EMBED_KEY
 from .base import ExportOptions, Target, TargetOption, Tolerance
 
@@ -54,7 +55,7 @@ SPEC_FILE = "Data/com.apple.CoreML/model.mlmodel"
 DEBUG_MAP_FILE = "executorch_debug_handle_mapping.json"   # coremltools' ExecuTorch side file, not Core ML's
 AUTHOR = "mixformer-deploy"
 LICENSE = "Apache-2.0"
-INPUT, IMAGE_INPUT, LOGITS = "input", "image", "logits"
+IMAGE_INPUT = "image"
 CLASS_LABEL, PROBABILITIES = "classLabel", "classLabel_probs"
 
 # deployment targets by platform, oldest first; ML programs start at iOS15 / macOS12
@@ -92,23 +93,6 @@ def deployment_target(name: str) -> str:
         raise UsageError(f"--minimum-deployment-target {PLATFORMS[platform][i]} is too old: Core ML ML programs "
                          f"need {oldest} or newer; the oldest that works for this model is {oldest}")
     return PLATFORMS[platform][i]
-
-
-def coremltools():
-    """Import coremltools quietly: on Linux it logs that its native runtime (macOS only) is missing, it
-    warns about untested torch/scikit-learn versions, and torchao (which it imports) about its CUDA
-    kernels; none of it is news to our users."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(n) for n in ("coremltools", "torchao", "torch.utils._pytree")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:  # torchao (imported by coremltools) logs its missing CUDA kernels
-            lg.setLevel(logging.ERROR)
-        try:
-            return require("coremltools", "coreml")
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -377,20 +361,7 @@ class CoreMlTarget(Target):
     # ------------------------------------------------------------------ reading
 
     def read_embedded(self, path: Path) -> dict | None:
-        path = Path(path)
-        try:
-            coremltools()
-        except MissingBackendError:
-            return None  # the sidecar serves; inspect and load say the extra is missing
-        spec = read_spec(path)
-        text = spec.description.metadata.userDefined.get(EMBED_KEY)
-        if not text:
-            return None
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ArtifactError(f"{path.name}: its embedded manifest is not JSON ({one_line(e, 120)})") from e
-        return data if isinstance(data, dict) else None
+        return embedded_manifest(path)
 
     def inspect(self, path: Path) -> dict:
         coremltools()
@@ -420,85 +391,7 @@ class CoreMlTarget(Target):
         }
 
 
-# ---------------------------------------------------------------------- package reading helpers
-
-def spec_path(package: Path) -> Path:
-    """The root model file that the package's Manifest.json names."""
-    package = Path(package)
-    if not package.exists():
-        raise ArtifactError(f"artifact not found: {package}")
-    if not package.is_dir():
-        raise ArtifactError(f"{package.name}: not an .mlpackage directory")
-    manifest = package / "Manifest.json"
-    try:
-        info = json.loads(manifest.read_text())
-        root = info["itemInfoEntries"][info["rootModelIdentifier"]]["path"]
-    except FileNotFoundError:
-        raise ArtifactError(f"{package.name}: not an .mlpackage (no Manifest.json)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{package.name}: unreadable Manifest.json ({type(e).__name__})") from e
-    p = package / "Data" / root
-    if not p.is_file():
-        raise ArtifactError(f"{package.name}: the model spec {p.relative_to(package)} is missing")
-    return p
-
-
-def read_spec(package: Path):
-    """The package's Model protobuf (ArtifactError when missing or corrupt)."""
-    coremltools()
-    from coremltools.proto import Model_pb2
-
-    p = spec_path(package)
-    spec = Model_pb2.Model()
-    try:
-        spec.ParseFromString(p.read_bytes())
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
-        raise ArtifactError(f"{Path(package).name}: corrupt model spec ({one_line(e, 120)})") from e
-    if spec.WhichOneof("Type") is None or not spec.specificationVersion:
-        raise ArtifactError(f"{Path(package).name}: corrupt model spec (no model type or version)")
-    return spec
-
-
-def _ops(block):
-    for op in block.operations:
-        yield op
-        for inner in op.blocks:
-            yield from _ops(inner)
-
-
-def main_block(spec):
-    """The ML program's main block (None for other model types)."""
-    if spec.WhichOneof("Type") != "mlProgram":
-        return None
-    fn = spec.mlProgram.functions.get("main")
-    return fn.block_specializations.get(fn.opset) if fn is not None else None
-
-
-def check_weights(package: Path, spec) -> None:
-    """Every weight blob the program references exists and is long enough (ArtifactError otherwise)."""
-    block = main_block(spec)
-    if block is None:
-        return
-    base = spec_path(package).parent
-    sizes: dict[str, int] = {}
-    for op in _ops(block):
-        if op.type not in ("const", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
-                           "constexpr_affine_dequantize"):
-            continue
-        for attr in op.attributes.values():
-            if not attr.HasField("blobFileValue"):
-                continue
-            name, offset = attr.blobFileValue.fileName, attr.blobFileValue.offset
-            rel = name.split("@model_path/", 1)[-1]
-            if rel not in sizes:
-                f = base / rel
-                if not f.is_file():
-                    raise ArtifactError(f"{Path(package).name}: its weights are missing ({rel})")
-                sizes[rel] = f.stat().st_size
-            if offset >= sizes[rel]:
-                raise ArtifactError(f"{Path(package).name}: its weights file {rel} is truncated "
-                                    f"({sizes[rel]} bytes, a weight at offset {offset})")
-
+# ---------------------------------------------------------------------- inspect helpers
 
 def _tensor_type(value_type):
     return value_type.tensorType if value_type.HasField("tensorType") else None
@@ -516,7 +409,7 @@ def program_facts(spec) -> dict:
     by_precision: dict[str, Counter] = {"fp16": Counter(), "fp32": Counter()}
     fp32_names: set[str] = set()
     max_rank = 0
-    for op in _ops(block):
+    for op in all_ops(block):
         ops[op.type] += 1
         for o in op.outputs:
             t = _tensor_type(o.type)

@@ -25,10 +25,10 @@ import torch
 from ..backends import require
 from ..errors import ArtifactError, ExportError, UsageError, one_line
 from ..deploy.xnnpack import kept_filter
+from ..formats.executorch import MANIFEST_METHOD, embedded_manifest, load_program
 from .base import INT8_PER_TENSOR, ExportOptions, Target, TargetOption, Tolerance
 
 log = logging.getLogger(__name__)
-MANIFEST_METHOD = "mixformer_manifest"
 # ops that move or view data: not "compute-heavy" when left off the delegate
 LAYOUT_OPS = {"getitem", "view_copy", "permute_copy", "clone", "alloc", "_to_dim_order_copy", "expand_copy",
               "squeeze_copy", "unsqueeze_copy", "slice_copy", "cat", "split_with_sizes_copy", "select_copy",
@@ -161,14 +161,7 @@ class ExecuTorchTarget(Target):
     # ------------------------------------------------------------------ reading artifacts
 
     def read_embedded(self, path: Path) -> dict | None:
-        program = load_program(path)
-        if MANIFEST_METHOD not in program.method_names:
-            return None
-        try:
-            tensor = program.load_method(MANIFEST_METHOD).execute([])[0]
-            return json.loads(bytes(tensor.numpy().astype("uint8").tobytes()).decode())
-        except Exception as e:
-            raise ArtifactError(f"{Path(path).name}: unreadable embedded manifest ({one_line(e, 200)})") from e
+        return embedded_manifest(path)
 
     def inspect(self, path: Path) -> dict:
         path = Path(path)
@@ -211,21 +204,6 @@ def _form(deploy_model, form: str):
         return deploy_model.eval()
     from ..deploy.xnnpack import to_xnnpack
     return to_xnnpack(deploy_model)
-
-
-def load_program(path: Path):
-    """The ExecuTorch runtime's Program for a .pte (ArtifactError when it is not one)."""
-    rt = require("executorch.runtime", "executorch")
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"artifact not found: {path}")
-    data = path.read_bytes()
-    if len(data) < 8 or data[4:8] != b"ET12":
-        raise ArtifactError(f"{path.name}: not an ExecuTorch program (no ET12 header)")
-    try:
-        return rt.Runtime.get().load_program(data)
-    except Exception as e:
-        raise ArtifactError(f"{path.name}: ExecuTorch cannot load it ({one_line(e, 200)})") from e
 
 
 def _instruction_histogram(path: Path) -> tuple[dict, list]:

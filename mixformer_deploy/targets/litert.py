@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from ..backends import require
-from ..errors import ArtifactError, ExportError, UsageError, one_line
+from ..errors import ExportError, UsageError, one_line
+from ..formats.litert import TFLITE_ID, embedded_manifest, read_model, unpack
 from ..manifest import EMBED_KEY
 from .base import INT8_PER_TENSOR, ExportOptions, Target, Tolerance
 from .executorch import GRAPH_FORM, _form, _installed
 
 log = logging.getLogger(__name__)
-TFLITE_ID = b"TFL3"
 EDGE_KEEPS = ("patch_embed.stem.0", "head")
 
 
@@ -76,7 +76,7 @@ class LiteRtTarget(Target):
             data = self._fp16_weights(bytes(data))
             facts["quantization"] = {"scheme": "float16 weights (ai-edge-quantizer float casting), float32 compute"}
         manifest.update(facts)
-        ops = op_histogram(_unpack(bytes(data), "converted model"))
+        ops = op_histogram(unpack(bytes(data), "converted model"))
         manifest["ops"] = ops
         Path(out).write_bytes(with_metadata(bytes(data), EMBED_KEY, json.dumps(manifest, sort_keys=True).encode()))
         return {**facts, "ops": ops}
@@ -136,19 +136,11 @@ class LiteRtTarget(Target):
     # ------------------------------------------------------------------ reading artifacts
 
     def read_embedded(self, path: Path) -> dict | None:
-        model = _unpack(_read(path), Path(path).name)
-        for m in model.metadata or []:
-            name = m.name.decode() if isinstance(m.name, bytes) else m.name
-            if name == EMBED_KEY:
-                try:
-                    return json.loads(bytes(model.buffers[m.buffer].data).decode())
-                except Exception as e:
-                    raise ArtifactError(f"{Path(path).name}: unreadable embedded manifest ({one_line(e, 200)})") from e
-        return None
+        return embedded_manifest(path)
 
     def inspect(self, path: Path) -> dict:
         schema = require("ai_edge_litert.schema_py_generated", self.extra)
-        model = _unpack(_read(path), Path(path).name)
+        model = read_model(path)
         g = model.subgraphs[0]
         types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 
@@ -181,23 +173,6 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _read(path: Path) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"artifact not found: {path}")
-    return path.read_bytes()
-
-
-def _unpack(data: bytes, name: str):
-    schema = require("ai_edge_litert.schema_py_generated", "litert")
-    if len(data) < 8 or data[4:8] != TFLITE_ID:
-        raise ArtifactError(f"{name}: not a LiteRT/TFLite flatbuffer (no TFL3 identifier)")
-    try:
-        return schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
-    except Exception as e:
-        raise ArtifactError(f"{name}: corrupt LiteRT flatbuffer ({one_line(e, 200)})") from e
-
-
 def _op_name(model, op, schema) -> str:
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     code = model.operatorCodes[op.opcodeIndex]
@@ -216,7 +191,7 @@ def with_metadata(data: bytes, name: str, payload: bytes) -> bytes:
     same name). Models whose buffers live outside the flatbuffer (offset/size, > 2 GB) are refused."""
     flatbuffers = require("flatbuffers", "litert")
     schema = require("ai_edge_litert.schema_py_generated", "litert")
-    model = _unpack(data, "converted model")
+    model = unpack(data, "converted model")
     for b in model.buffers or []:  # weights stored after the flatbuffer (offset/size): bring them inline
         if (getattr(b, "offset", 0) or 0) > 1:
             if b.offset + b.size > len(data) or b.size > 2**31 - 2**24:
