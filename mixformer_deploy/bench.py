@@ -212,12 +212,8 @@ def _device_peak() -> int | None:
     return None
 
 
-def _time(runner, x: np.ndarray, k: int, lead_in: bool = False) -> list[int]:
-    """k timed iterations, each run + sync, in nanoseconds. ``lead_in``: one untimed iteration first, so
-    that the switch from another worker (cold caches, its idle thread pool still spinning) is not timed."""
-    if lead_in:
-        runner.run(x)
-        runner.sync()
+def _time(runner, x: np.ndarray, k: int) -> list[int]:
+    """k timed iterations, each run + sync, in nanoseconds."""
     out = []
     for _ in range(k):
         t0 = time.perf_counter_ns()
@@ -240,6 +236,12 @@ def _worker_main(conn, subject: Subject) -> None:
     from .data import random_inputs
 
     runner, x, seed = None, None, 0
+
+    def gpu_times() -> list[float]:
+        """GPU compute time of the runs since the last call, where the runner measures it (CUDA events)."""
+        take = getattr(runner, "take_gpu_times", None)
+        return take() if take else []
+
     try:
         rss0 = rss_bytes()
         while True:
@@ -255,12 +257,15 @@ def _worker_main(conn, subject: Subject) -> None:
             elif cmd == "batch":
                 x = random_inputs(args[0], *subject.input_size, seed=seed)[0]
                 reply = _time(runner, x, 1)[0]
+                gpu_times()   # the first inference (and a CUDA graph's capture) is not a timed sample
             elif cmd == "warmup":
                 reply = _warm_up(runner, x, *args)
+                gpu_times()
             elif cmd == "run":
-                reply = _time(runner, x, args[0], lead_in=args[0] > 1)
-                gpu = getattr(runner, "take_gpu_times", None)  # GPU compute time where the runner measures it
-                reply = (reply, gpu() if gpu else [])
+                if args[0] > 1:   # one untimed lead-in: the switch from another worker (cold caches, its idle
+                    _time(runner, x, 1)   # thread pool still spinning) is not timed, on the wall or the GPU
+                    gpu_times()
+                reply = (_time(runner, x, args[0]), gpu_times())
             elif cmd == "memory":
                 reply = {"peak_rss_bytes": peak_rss_bytes(), "peak_device_memory_bytes": _device_peak()}
             else:

@@ -530,7 +530,7 @@ _LAST_REFERENCE: dict = {}
 
 def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs: Sequence[str] | None = None,
                  atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
-                 runtime: str = "auto", device: str = "cpu", batch_size: int = 16,
+                 runtime: str = "auto", device: str = "cpu", threads: int | None = None, batch_size: int = 16,
                  random_count: int = RANDOM_COUNT, weights_model=None, runtime_options: dict | None = None,
                  accuracy_set: str | Path | None = None, max_accuracy_drop: str | None = None,
                  display_name: str | None = None) -> ParityReport:
@@ -588,7 +588,7 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     precision = manifest.get("precision") or "fp32"
 
     reference = TorchRunner(ref.model)
-    runner = open_runner(artifact, runtime, device, options=runtime_options)
+    runner = open_runner(artifact, runtime, device, threads=threads, options=runtime_options)
     executed = getattr(runner, "precision", None) or precision
     if executed != precision:  # a runtime option changed the execution precision (OpenVINO bf16): its tolerance
         precision = executed

@@ -47,6 +47,15 @@ def test_help_lists_commands():
     assert r.exit_code == 0 and "--img-size" in r.stdout and "--weights" in r.stdout
 
 
+def test_export_help_names_each_targets_own_meaning_of_a_shared_option(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    r = invoke("export", "--help")
+    assert r.exit_code == 0
+    text = " ".join(r.stdout.split())
+    assert "tensorrt: Largest batch of the engine's profile (dynamic batch; default 32)" in text
+    assert "aoti: Largest batch of a --batch dynamic package (default 64)" in text
+
+
 def test_version():
     r = invoke("--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"mixformer-deploy {__version__}"

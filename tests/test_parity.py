@@ -231,11 +231,12 @@ def _invoke(*args):
 
 
 def test_cli_parity_pass_writes_reports(tmp_path, good, photo):
-    result, code = _invoke("parity", good, "--inputs", "random", "--inputs", photo.parent,
+    result, code = _invoke("parity", good, "--inputs", "random", "--inputs", photo.parent, "--threads", "1",
                            "--json", tmp_path / "p.json", "--junit", tmp_path / "p.xml")
     assert code == 0, result.output
     assert "PASS" in result.stdout and "cosine" in result.stdout
-    assert json.loads((tmp_path / "p.json").read_text())["passed"] is True
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["passed"] is True and report["runtime"]["threads"] == 1
     assert ET.parse(tmp_path / "p.xml").getroot().find("testsuite").get("failures") == "0"
 
 
@@ -255,7 +256,7 @@ def test_cli_predict_prints_top_k(good, photo):
     result, code = _invoke("predict", photo, "--weights", good, "--top", "3")
     assert code == 0, result.output
     assert "chelsea.png" in result.stdout and "class-" in result.stdout
-    result, code = _invoke("predict", photo, "--artifact", good, "--top", "3", "--json")
+    result, code = _invoke("predict", photo, "--artifact", good, "--top", "3", "--json", "--threads", "1")
     out = json.loads(result.stdout)
     assert code == 0 and len(out[0]["top"]) == 3
     probs = [t["probability"] for t in out[0]["top"]]

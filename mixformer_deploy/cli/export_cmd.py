@@ -13,7 +13,7 @@ import typer
 
 from ..errors import ParityError, UsageError
 from ..targets import keys as target_keys
-from ..targets import option_owners
+from ..targets import get_target, option_owners
 from .app import app, quiet, show_progress, console as make_console
 
 GENERIC = "Export"
@@ -197,7 +197,10 @@ def _with_target_options(func):
     for name, (opt, owners) in sorted(option_owners().items()):
         kind = bool if opt.type is bool else opt.type
         decl = (f"{opt.flag}/--no-{opt.flag[2:]}",) if kind is bool else (opt.flag,)
-        help_text = f"{'/'.join(owners)}: {opt.help}"
+        texts: dict[str, list[str]] = {}   # one text per meaning: targets sharing a name may differ (defaults)
+        for key in owners:
+            texts.setdefault(next(o.help for o in get_target(key).options if o.name == name), []).append(key)
+        help_text = " ".join(f"{'/'.join(keys)}: {text}" for text, keys in texts.items())
         annotations[name] = Annotated[Optional[kind], typer.Option(*decl, help=help_text, rich_help_panel=TARGET_PANEL,
                                                                    show_default=False)]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotations[name]))

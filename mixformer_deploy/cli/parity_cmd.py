@@ -117,9 +117,10 @@ def parity(
     rtol: Annotated[Optional[float], typer.Option(min=0.0, help="Relative tolerance, times max|reference|.")] = None,
     min_cosine: Annotated[Optional[float], typer.Option(
         "--min-cosine", min=-1.0, max=1.0, help="Smallest cosine similarity that passes.")] = None,
-    runtime: Annotated[str, typer.Option(help="Runtime to run the artifact: auto (by its suffix), torch, "
+    runtime: Annotated[str, typer.Option(help="Runtime to run the artifact: auto (the one its manifest names), torch, "
                                               "onnxruntime, ...")] = "auto",
     device: Annotated[str, typer.Option(help="auto (the GPU when the runtime has one here, else cpu), cpu or cuda[:N].")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads of the runtime. Default: the runtime's own (all usable cores).")] = None,
     runtime_option: Annotated[Optional[list[str]], typer.Option("--runtime-option", "-O", help=RUNTIME_OPTION_HELP)] = None,
     accuracy_set: Annotated[Optional[Path], typer.Option("--accuracy-set", help="Gate accuracy on a folder with one sub-folder per class label.")] = None,
     max_accuracy_drop: Annotated[Optional[str], typer.Option("--max-accuracy-drop", help="Extra misclassified images allowed: N or P% (default by precision: int8 3 of the 360 held-out digits or 1% of a folder; fp16/bf16 1 or 0.3%).")] = None,
@@ -135,7 +136,8 @@ def parity(
     if weights is not None and not weights.is_file():
         raise CheckpointError(f"weights not found: {weights}")
     report = check_parity(artifact, weights=weights, inputs=inputs, atol=atol, rtol=rtol, min_cosine=min_cosine,
-                          runtime=runtime, device=device, runtime_options=parse_runtime_options(runtime_option),
+                          runtime=runtime, device=device, threads=threads,
+                          runtime_options=parse_runtime_options(runtime_option),
                           accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop)
     print_report(report, _console())
     if json_out:
@@ -169,7 +171,7 @@ def _model_source(artifact: Path | None, weights: Path | None) -> Path:
 
 
 def classify(source: Path, images: list[Path], runtime: str, device: str, top: int,
-             options: dict | None = None) -> list[dict]:
+             options: dict | None = None, threads: int | None = None) -> list[dict]:
     """Top classes of each image through any runtime, preprocessed as the model's manifest says."""
     from .. import data
     from ..parity import artifact_manifest, fixed_batch, run_batched
@@ -178,7 +180,7 @@ def classify(source: Path, images: list[Path], runtime: str, device: str, top: i
     # the images, the runtime and its device first: a bad one is the only line, nothing printed before it
     raw = [data.read_image(p) for p in images]
     with quiet_logger("mixformer_deploy.checkpoints"):  # reported once, by artifact_manifest below
-        runner = open_runner(source, runtime, device, options=options)
+        runner = open_runner(source, runtime, device, threads=threads, options=options)
     try:
         manifest = artifact_manifest(source)
         if manifest.get("head") == "none":
@@ -209,15 +211,16 @@ def predict(
     artifact: Annotated[Optional[Path], typer.Option("--artifact", "-a", help="An exported artifact.")] = None,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", "-w", help="A weights file (default: the shipped weights).")] = None,
-    runtime: Annotated[str, typer.Option(help="auto (by the file's suffix), torch, onnxruntime, ...")] = "auto",
+    runtime: Annotated[str, typer.Option(help="auto (the one the artifact's manifest names), torch, onnxruntime, ...")] = "auto",
     device: Annotated[str, typer.Option(help="auto (the GPU when the runtime has one here, else cpu), cpu or cuda[:N].")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads of the runtime. Default: the runtime's own (all usable cores).")] = None,
     runtime_option: Annotated[Optional[list[str]], typer.Option("--runtime-option", "-O", help=RUNTIME_OPTION_HELP)] = None,
     top: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Classify images with an artifact or weights: top classes with labels and probabilities."""
     results = classify(_model_source(artifact, weights), images, runtime, device, top,
-                       parse_runtime_options(runtime_option))
+                       parse_runtime_options(runtime_option), threads)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
