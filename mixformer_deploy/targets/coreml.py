@@ -216,6 +216,13 @@ class CoreMlTarget(Target):
     versions = ("coremltools",)
     description = "Core ML ML program (.mlpackage) for iOS/macOS; converts anywhere, predicts on macOS only"
 
+    def unjudged_form(self, options: ExportOptions) -> str | None:
+        forms = [f"--{k.replace('_', '-')}" for k in ("image_input", "classifier") if options.opt(k)]
+        if forms:
+            return (f"parity judges the plain form only, not {' '.join(forms)} (an app-facing form; "
+                    "benchmarks/mac_check.py checks its inputs and outputs)")
+        return None
+
     def check(self, options: ExportOptions) -> None:
         super().check(options)
         deployment_target(options.opt("minimum_deployment_target") or DEFAULT_DEPLOYMENT_TARGET)
