@@ -129,6 +129,7 @@ def test_int8_onnx_of_the_shipped_weights_passes_the_accuracy_gate(tmp_path):
     assert cal["source"].startswith("digits-train") and cal["count"] == 64 and len(cal["sha256"]) == 64
     gate = result.parity.accuracy[0]
     assert gate.allowed_extra == 3 and gate.passed, result.parity.failures
+    assert result.passed and result.path.suffix == ".onnx"   # the whole gate: export exits 0
     info = inspect_artifact(result.path)
     assert info["ops"].get("QuantizeLinear", 0) > 0 and info["precisions"].get("int8", 0) > 0
 

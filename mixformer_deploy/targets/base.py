@@ -29,8 +29,8 @@ class Tolerance:
     gate_top1: bool = True
 
 
-# int8 through runtimes whose quantizers calibrate activations per tensor (OpenVINO/NNCF, ExecuTorch and LiteRT
-# PT2E): on the seeded random inputs, far outside the calibration images, their logits drift to a cosine near
+# int8 through runtimes whose quantizers calibrate activations per tensor (onnxruntime QDQ, OpenVINO/NNCF,
+# ExecuTorch and LiteRT PT2E): on the seeded random inputs, far outside the calibration images, their logits drift to a cosine near
 # 0.5 while accuracy holds (the shipped weights lose at most 1 of 360 held-out digits). The accuracy gate judges
 # these artifacts; this bound only catches a broken one (a wrong or garbled artifact sits near cosine 0).
 INT8_PER_TENSOR = Tolerance(1.0, 0.75, 0.4, gate_top1=False)
