@@ -134,6 +134,8 @@ class OnnxTarget(Target):
         excluded = [n.name for n in model.graph.node
                     if any(module_of(n.name) == k or module_of(n.name).startswith(k + ".") for k in keeps)]
         src, dst = out.with_name(out.name + ".fp32.onnx"), out.with_name(out.name + ".int8.onnx")
+        hint = _DropHint()   # onnxruntime's pre-processing advice goes to the root logger, past --quiet
+        logging.getLogger().addFilter(hint)
         try:
             onnx.save(model, str(src))
             q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
@@ -143,6 +145,7 @@ class OnnxTarget(Target):
         except Exception as e:
             raise ExportError(f"onnxruntime quantization failed: {one_line(e)}") from e
         finally:
+            logging.getLogger().removeFilter(hint)
             src.unlink(missing_ok=True)
             dst.unlink(missing_ok=True)
         del quantized.metadata_props[:]
@@ -203,6 +206,13 @@ class OnnxTarget(Target):
             "data_movement_ops": len(model.graph.node) - sum(per_precision.values()),  # Reshape, Cast, Q/DQ, ...
             "kept_fp32": sorted(m for m in compute_fp32 if m) if reduced else [],
         }
+
+
+class _DropHint(logging.Filter):
+    """onnxruntime's advice to run its pre-processing: the graph is already shape-inferred and simplified."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider")
 
 
 def _from_dq(model, tensor: str) -> bool:
