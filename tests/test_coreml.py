@@ -381,7 +381,9 @@ def test_full_size_conversion_without_the_rank_pass(variant, size, tmp_path):
     info = target.inspect(out)
     assert info["max_rank"] <= 5
     assert info["ops"]["layer_norm"] == _count(deploy, torch.nn.LayerNorm) == info["ops_fp32"]["layer_norm"]
-    assert info["ops"]["softmax"] == sum(len(s) for s in deploy.stages)
+    blocks = sum(len(s) for s in deploy.stages)
+    assert info["ops"]["softmax"] == blocks
+    assert info["ops"]["linear"] == 11 * blocks + 2 and info["ops"]["conv"] == 4 + blocks + 3   # as for tiny
     assert set(info["kept_fp32"]) == set(keeps)
     assert ("pad" in info["ops"]) == (size == (256, 192))   # 224: 56/28/14/7 fit 7x7 windows; 192/32=6 does not
     x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)

@@ -410,3 +410,21 @@ def test_export_cli_writes_the_onnx_prints_trtexec_and_exits_3(tiny_weights, tmp
     res = subprocess.run(args + ["--onnx-only"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NO_ENGINE is None, reason="TensorRT and a GPU are here: the export builds the engine")
+def test_int8_of_the_shipped_weights_passes_the_accuracy_gate_through_the_cli(tmp_path):
+    """The command users run: int8 with the default calibration (the digits' training split), checked."""
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.cli.app import _load_commands, app
+    _load_commands()
+    res = CliRunner().invoke(app, ["export", "--target", "trt", "--precision", "int8", "--output", str(tmp_path)])
+    assert res.exit_code == 3, res.stderr   # verified ONNX written; no TensorRT here to build the engine
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path.name == "mixformer-b0-32x32-b1-int8.trt.onnx" and path.is_file()
+    parity = json.loads((tmp_path / (path.name + ".json")).read_text())["parity"]
+    assert parity["passed"]
+    gate = next(g for g in parity["accuracy_gate"] if g["set"] == "dataset")
+    assert gate["count"] == 360 and gate["passed"] and gate["artifact_errors"] <= gate["reference_errors"] + 3
