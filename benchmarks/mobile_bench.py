@@ -66,7 +66,9 @@ def run_variant(variant: str, args, rows_md: list[str]) -> dict:
 
     def timed(label, **kw):
         t0 = time.perf_counter()
-        r = export(None, variant=variant, img_size=h, batch=1, output=work, check=False, **kw)
+        # the deploy-form rows have the same artifact names as the XNNPACK-form ones: a folder of their own
+        out = work / "deploy-form" if "(deploy form)" in label else work
+        r = export(None, variant=variant, img_size=h, batch=1, output=out, check=False, **kw)
         timings[label] = round(time.perf_counter() - t0, 1)
         manifests[label] = r.manifest
         print(f"{variant} {label}: exported in {timings[label]:.0f} s", flush=True)

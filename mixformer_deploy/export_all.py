@@ -178,7 +178,7 @@ def _check_arguments(precisions, img_size, output, calibration, calibration_size
     """Every usage and input-file error that does not need the weights; returns the output directory."""
     from .data import parse_size
     from .export_api import check_stride
-    from .parity import KEYWORD_INPUTS, allowed_extra
+    from .parity import check_input_options
     from .targets import all_targets
 
     if img_size:
@@ -196,13 +196,7 @@ def _check_arguments(precisions, img_size, output, calibration, calibration_size
             raise InputFileError(f"calibration folder not found: {calibration}")
     if calibration_size is not None and calibration_size < 1:
         raise UsageError(f"bad --calibration-size {calibration_size}: at least 1")
-    for spec in inputs or ():
-        if spec not in KEYWORD_INPUTS and not Path(spec).is_dir():
-            raise InputFileError(f"inputs {spec!r}: neither {', '.join(KEYWORD_INPUTS)} nor an image folder")
-    if accuracy_set is not None and not Path(accuracy_set).is_dir():
-        raise InputFileError(f"accuracy set not found: {accuracy_set} (a folder with one sub-folder per class)")
-    if max_accuracy_drop is not None:
-        allowed_extra("fp32", 1, True, max_accuracy_drop)
+    check_input_options(inputs, accuracy_set, max_accuracy_drop)
     return out
 
 

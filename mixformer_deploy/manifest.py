@@ -8,15 +8,29 @@ and parity (filled after the check).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from datetime import datetime, timezone
 
 from . import __version__
-from .artifact import SCHEMA  # noqa: F401 (the manifest schema, defined with the artifact)
+from .artifact import SCHEMA  # noqa: F401 (re-exported: the manifest schema, defined with the artifact)
 from .backends import version_of
+from .errors import ArtifactError, one_line
 
 EMBED_KEY = "mixformer_deploy.manifest"
+
+
+def parse_embedded(text: str | bytes | None, name: str) -> dict | None:
+    """The text a format embeds under EMBED_KEY -> the manifest (None when absent or not an object); text that
+    is not JSON is a bad artifact. One parser for every format's reader."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as e:   # UnicodeDecodeError included
+        raise ArtifactError(f"{name}: its embedded manifest is not JSON ({one_line(e, 120)})") from e
+    return data if isinstance(data, dict) else None
 
 
 def tool_versions(*dists: str) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..backends import require
 from ..errors import ArtifactError, MissingBackendError, one_line
-from ..manifest import EMBED_KEY
+from ..manifest import EMBED_KEY, parse_embedded
 
 INPUT, LOGITS = "input", "logits"   # the plain form's feature names (the contract parity and benchmarks run on)
 WEIGHT_OPS = ("const", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense", "constexpr_affine_dequantize")
@@ -115,14 +115,7 @@ def check_weights(package: Path, spec) -> None:
 
 def spec_manifest(spec, name: str) -> dict | None:
     """Our manifest from a read spec's user-defined metadata (None when it has none)."""
-    text = spec.description.metadata.userDefined.get(EMBED_KEY)
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ArtifactError(f"{name}: its embedded manifest is not JSON ({one_line(e, 120)})") from e
-    return data if isinstance(data, dict) else None
+    return parse_embedded(spec.description.metadata.userDefined.get(EMBED_KEY), name)
 
 
 def embedded_manifest(package: Path) -> dict | None:

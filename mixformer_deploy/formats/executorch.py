@@ -4,11 +4,11 @@ runner; executorch is imported only once the file looks like a program."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..backends import require
 from ..errors import ArtifactError, one_line
+from ..manifest import parse_embedded
 
 MANIFEST_METHOD = "mixformer_manifest"   # a method returning the manifest's UTF-8 JSON as a uint8 tensor
 
@@ -34,10 +34,10 @@ def program_manifest(program, name: str) -> dict | None:
         return None
     try:
         tensor = program.load_method(MANIFEST_METHOD).execute([])[0]
-        data = json.loads(bytes(tensor.numpy().astype("uint8").tobytes()).decode())
+        text = bytes(tensor.numpy().astype("uint8").tobytes())
     except Exception as e:
         raise ArtifactError(f"{name}: unreadable embedded manifest ({one_line(e, 200)})") from e
-    return data if isinstance(data, dict) else None
+    return parse_embedded(text, name)
 
 
 def embedded_manifest(path: Path) -> dict | None:

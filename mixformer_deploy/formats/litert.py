@@ -4,12 +4,11 @@ the bytes carry the TFL3 identifier."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..backends import require
 from ..errors import ArtifactError, one_line
-from ..manifest import EMBED_KEY
+from ..manifest import EMBED_KEY, parse_embedded
 
 TFLITE_ID = b"TFL3"
 
@@ -38,8 +37,8 @@ def embedded_manifest(path: Path) -> dict | None:
         if (m.name.decode() if isinstance(m.name, bytes) else m.name) != EMBED_KEY:
             continue
         try:
-            data = json.loads(bytes(model.buffers[m.buffer].data).decode())
+            text = bytes(model.buffers[m.buffer].data)
         except Exception as e:
             raise ArtifactError(f"{Path(path).name}: unreadable embedded manifest ({one_line(e, 200)})") from e
-        return data if isinstance(data, dict) else None
+        return parse_embedded(text, Path(path).name)
     return None

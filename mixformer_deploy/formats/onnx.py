@@ -3,12 +3,11 @@ that would be read from outside the model's folder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..backends import require
 from ..errors import ArtifactError
-from ..manifest import EMBED_KEY
+from ..manifest import EMBED_KEY, parse_embedded
 
 
 def external_files(model, folder: Path) -> list[Path]:
@@ -82,9 +81,5 @@ def embedded_manifest(path: str | Path) -> dict | None:
     model = load_onnx(path, load_weights=False)
     for prop in model.metadata_props:
         if prop.key == EMBED_KEY:
-            try:
-                data = json.loads(prop.value)
-            except ValueError as e:
-                raise ArtifactError(f"{Path(path).name}: embedded manifest is not valid JSON") from e
-            return data if isinstance(data, dict) else None
+            return parse_embedded(prop.value, Path(path).name)
     return None

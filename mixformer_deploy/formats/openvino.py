@@ -5,11 +5,11 @@ one written with the .xml. Used by the openvino target and its runner."""
 from __future__ import annotations
 
 import hashlib
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ..errors import ArtifactError
+from ..manifest import parse_embedded
 
 XML, BIN = "model.xml", "model.bin"
 RT_SECTION = "mixformer_deploy"       # rt_info/<mixformer_deploy>/<manifest value=...>, <bin_sha256 value=...>
@@ -70,11 +70,4 @@ def verify_weights(path: Path) -> None:
 
 
 def embedded_manifest(path: Path) -> dict | None:
-    text = read_rt_info(path).get("manifest")
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ArtifactError(f"{Path(path).name}: embedded manifest is not valid JSON") from e
-    return data if isinstance(data, dict) else None
+    return parse_embedded(read_rt_info(path).get("manifest"), Path(path).name)

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import ArtifactError
+from ..manifest import parse_embedded
 
 MANIFEST_FILE = "mixformer_deploy.manifest.json"   # under the archive's extra/ folder
 
@@ -48,11 +49,4 @@ def embedded_manifest(path: Path) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    data = read_member(path, f"extra/{MANIFEST_FILE}")
-    if data is None:
-        return None
-    try:
-        m = json.loads(data)
-    except ValueError as e:
-        raise ArtifactError(f"{path.name}: corrupt embedded manifest ({type(e).__name__})") from e
-    return m if isinstance(m, dict) else None
+    return parse_embedded(read_member(path, f"extra/{MANIFEST_FILE}"), path.name)

@@ -19,7 +19,7 @@ import torch
 from ..errors import ArtifactError, MissingBackendError, UsageError, one_line
 from .base import Runner, packed
 from .cuda_graphs import CudaGraphed
-from .torch_runner import CudaEventTimes
+from .torch_runner import CudaEventTimes, CudaTimed
 
 log = logging.getLogger(__name__)
 TRUE, FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -85,7 +85,7 @@ def check_package_device(path: Path, facts: dict, device: str) -> str:
     return device
 
 
-class AotiRunner(Runner):
+class AotiRunner(CudaTimed, Runner):
     key = "aoti"
     dists = ("torch",)
     extra = "aoti"
@@ -191,21 +191,6 @@ class AotiRunner(Runner):
             return tuple(t.float().cpu().numpy() for t in y) if isinstance(y, tuple) else y.float().cpu().numpy()
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: inference failed on input {batch.shape} ({one_line(e, 200)})") from e
-
-    def sync(self) -> None:
-        if self._dev.type == "cuda":
-            torch.cuda.synchronize(self._dev)
-            self._gpu.collect()
-
-    def gpu_time_ms(self) -> float | None:
-        """GPU time of the last run (CUDA events around the launch or graph replay), None on the CPU."""
-        self.sync()
-        return self._gpu.last()
-
-    def take_gpu_times(self) -> list[float]:
-        """Every GPU time (ms) measured since the last call, oldest first; empties the list."""
-        self.sync()
-        return self._gpu.take()
 
     def describe(self) -> dict:
         compile_settings = self.manifest.get("compile") or {}

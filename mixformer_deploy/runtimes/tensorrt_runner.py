@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backends import require, version_of
 from ..errors import ArtifactError, MissingBackendError, UsageError
-from .base import Runner, packed
+from .base import Runner, as_outputs, packed
 
 DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
 
@@ -67,6 +67,10 @@ class TensorRtRunner(Runner):
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         from .torch_runner import CudaEventTimes
         self._gpu = CudaEventTimes()
+        # the largest batch the engine takes: its profile's max (dynamic) or its fixed batch dimension
+        first = self.inputs[0]
+        fixed = self.engine.get_tensor_shape(first)[0]
+        self.max_batch = int(self.engine.get_tensor_profile_shape(first, 0)[2][0]) if fixed == -1 else int(fixed)
 
     @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "TensorRtRunner":
@@ -101,6 +105,9 @@ class TensorRtRunner(Runner):
         return mapping[self.engine.get_tensor_dtype(name)]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) > self.max_batch > 0:   # parity and predict feed up to 16: split at the profile's max
+            parts = [as_outputs(self.run(batch[i:i + self.max_batch])) for i in range(0, len(batch), self.max_batch)]
+            return packed(np.concatenate(p) for p in zip(*parts))
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         name = self.inputs[0]

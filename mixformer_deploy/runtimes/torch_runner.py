@@ -63,7 +63,27 @@ class CudaEventTimes:
         return out
 
 
-class TorchRunner(Runner):
+class CudaTimed:
+    """``sync``, ``gpu_time_ms`` and ``take_gpu_times`` of a runner on a torch device (``_dev``) that
+    records its calls in a CudaEventTimes (``_gpu``): the torch and AOTInductor runners."""
+
+    def sync(self) -> None:
+        if self._dev.type == "cuda":
+            torch.cuda.synchronize(self._dev)
+            self._gpu.collect()
+
+    def gpu_time_ms(self) -> float | None:
+        """GPU time of the last run (CUDA events around the launch or graph replay), None on the CPU."""
+        self.sync()
+        return self._gpu.last()
+
+    def take_gpu_times(self) -> list[float]:
+        """Every GPU time (ms) measured since the last call, oldest first; empties the list (bench's gpu_ms)."""
+        self.sync()
+        return self._gpu.take()
+
+
+class TorchRunner(CudaTimed, Runner):
     key = "torch"
     dists = ("torch",)
     option_help = {"precision": "fp32 or fp16 (fp16 needs CUDA)", "form": "reference or deploy",
@@ -159,21 +179,6 @@ class TorchRunner(Runner):
         model = self._model_for(*batch.shape[-2:])
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev, self._dtype)
         return {k: v.float().cpu().numpy() for k, v in model.forward_stages(x).items()}
-
-    def sync(self) -> None:
-        if self._dev.type == "cuda":
-            torch.cuda.synchronize(self._dev)
-            self._gpu.collect()
-
-    def gpu_time_ms(self) -> float | None:
-        """GPU time of the last run (CUDA events), None on the CPU."""
-        self.sync()
-        return self._gpu.last()
-
-    def take_gpu_times(self) -> list[float]:
-        """Every GPU time (ms) measured since the last call, oldest first; empties the list (bench's gpu_ms)."""
-        self.sync()
-        return self._gpu.take()
 
     def describe(self) -> dict:
         d = {**super().describe(), "form": "deploy" if self.deploy else "reference",
