@@ -3,6 +3,7 @@ artifacts. Real subprocesses where the fault is a process's."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +34,6 @@ def _export_cmd(out: Path) -> list[str]:
 
 def test_two_exports_give_the_same_bytes(tmp_path, monkeypatch):
     """Also across processes and thread counts (the manifest inside carries a measured error)."""
-    import os
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     a = export(WEIGHTS, img_size=64, output=tmp_path / "a", check=False).path
     b = export(WEIGHTS, img_size=64, output=tmp_path / "b", check=False).path
@@ -43,22 +43,56 @@ def test_two_exports_give_the_same_bytes(tmp_path, monkeypatch):
     assert (tmp_path / "c" / NAME).read_bytes() == a.read_bytes()
 
 
+def _partial_in(folder: Path) -> bool:
+    return any(".partial" in e.name for e in os.scandir(folder))
+
+
+def _kill_export(folder: Path, when, fresh: bool = False) -> bool:
+    """Start an export into ``folder`` and SIGKILL it after ``when`` seconds, or ("writing") the moment a
+    temporary of its artifact appears. That window is milliseconds long, so a "writing" kill retries (up
+    to 5 exports) until one lands in it; ``fresh``: an export that finished first is cleared before the
+    next try. Returns whether a temporary existed at the kill."""
+    for _ in range(5 if when == "writing" else 1):
+        proc = subprocess.Popen(_export_cmd(folder), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if when == "writing":
+            while proc.poll() is None and not _partial_in(folder):
+                pass
+        else:
+            time.sleep(when)
+        caught = _partial_in(folder)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if caught or when != "writing":
+            return caught
+        if fresh:
+            for f in (folder / NAME, folder / (NAME + ".json")):
+                f.unlink(missing_ok=True)
+    return False
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
-def test_killed_export_leaves_no_partial_artifact_and_keeps_the_earlier_one(tmp_path, delay, monkeypatch):
+@pytest.mark.parametrize("when", [0.5, "writing", 4.0])
+def test_killed_export_leaves_no_partial_artifact_and_keeps_the_earlier_one(tmp_path, when, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")   # a finished export then writes the same bytes
     good = export(WEIGHTS, img_size=64, output=tmp_path, check=False).path
-    before = good.read_bytes()
-    proc = subprocess.Popen(_export_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    side = tmp_path / (NAME + ".json")
+    before, side_before = good.read_bytes(), side.read_bytes()
+    caught = _kill_export(tmp_path, when)
+    if when == "writing":
+        assert caught, "no kill landed while the artifact was being written"
     # either the earlier artifact untouched, or (the export won the race) a whole new one: the same bytes
     assert good.read_bytes() == before, "the earlier artifact was damaged"
+    assert side.read_bytes() == side_before, "the earlier sidecar was damaged"
     # the next export of that name completes and removes the dead writer's temporaries
     subprocess.run(_export_cmd(tmp_path), check=True, stdout=subprocess.DEVNULL)
     leftovers = [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_an_export_killed_while_writing_leaves_nothing_under_the_final_name(tmp_path):
+    assert _kill_export(tmp_path, "writing", fresh=True), "no kill landed while the artifact was being written"
+    assert not (tmp_path / NAME).exists() and not (tmp_path / (NAME + ".json")).exists()
 
 
 @pytest.mark.slow
