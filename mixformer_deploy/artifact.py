@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ArtifactError
 
@@ -94,18 +96,24 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON under a temporary name (temp_path: carries the pid, so a killed writer's is cleaned up),
-    then rename; the temporary never outlives a failed write."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """The temporary to write ``path``'s content to (temp_path: carries the pid, so a killed writer's is
+    cleaned up); renamed to ``path`` when the block ends without error, never left behind by a failed write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        write_json(tmp, data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    with atomic_file(path) as tmp:
+        write_json(tmp, data)
+    return Path(path)
 
 
 def read_sidecar(artifact: Path) -> dict | None:

@@ -311,13 +311,8 @@ def save_safetensors(model: MixFormer, out: str | Path, extra: dict | None = Non
     meta = {"format": "mixformer-deploy", "variant": model.cfg.name, "config": json.dumps(model.cfg.to_dict()),
             "num_classes": str(model.cfg.num_classes)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from .artifact import temp_path
+    from .artifact import atomic_file
 
-    tmp = temp_path(out)  # unique per writer: two conversions to one name never share a temporary
-    try:
+    with atomic_file(out) as tmp:
         save_file(sd, str(tmp), metadata=meta)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

@@ -30,12 +30,8 @@ def write_bench_report(docs: list[dict], output: str | Path) -> tuple[Path, dict
         with tempfile.TemporaryDirectory() as work:
             text = bench_html(docs, report_plots(docs, Path(work), output.stem))
         plots = {}
-    from ..artifact import temp_path
+    from ..artifact import atomic_file
 
-    tmp = temp_path(output)  # unique per writer, and gone if the write fails
-    try:
+    with atomic_file(output) as tmp:
         tmp.write_text(text)
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output, plots

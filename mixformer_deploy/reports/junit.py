@@ -10,7 +10,6 @@ observed figures (max|a-r| and the rtol it implies at atol 0) instead of a toler
 from __future__ import annotations
 
 import json
-import os
 import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -98,14 +97,8 @@ def build_junit(report) -> ET.ElementTree:
 
 def write_junit(report, path: str | Path) -> Path:
     """Write the JUnit XML to ``path`` atomically (a temporary name, then rename), so CI never reads half."""
-    from ..artifact import temp_path
+    from ..artifact import atomic_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)  # unique per writer: two runs writing one report never share a temporary
-    try:
+    with atomic_file(path) as tmp:
         build_junit(report).write(tmp, encoding="utf-8", xml_declaration=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
