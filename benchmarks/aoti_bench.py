@@ -90,16 +90,16 @@ def main() -> None:
     import torch
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from mixformer_deploy import targets
+    from mixformer_deploy.backends import keys as backend_keys
     from mixformer_deploy.artifact import write_json_atomic
     from mixformer_deploy.bench import Policy, benchmark
     from mixformer_deploy.parity import check_parity
     from mixformer_deploy.reports.markdown import bench_markdown
-    from mixformer_deploy.targets.aoti import cpu_has_bf16
+    from mixformer_deploy.backends.aoti.spec import cpu_has_bf16
 
     args.work.mkdir(parents=True, exist_ok=True)
     specs = [("aoti", "fp32")] + ([("aoti", "bf16")] if cpu_has_bf16() else []) + [("onnx", "fp32")]
-    if targets.built("openvino") and not args.no_openvino:
+    if "openvino" in backend_keys() and not args.no_openvino:
         specs.append(("openvino", "fp32"))
     exports, paths = {}, []
     done_file = args.work / "exports.json"

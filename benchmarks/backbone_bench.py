@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 def run_size(variant: str, size: str, args) -> dict:
     from mixformer_deploy.bench import Policy, artifact_subject, benchmark_subjects, reference_subject
     from mixformer_deploy.export_api import export
-    from mixformer_deploy.runtimes.openvino_runner import OpenVinoRunner
+    from mixformer_deploy.backends.openvino.runner import OpenVinoRunner
 
     work = args.work / size
     exports, paths = {}, {}

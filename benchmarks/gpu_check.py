@@ -192,13 +192,13 @@ def _sync(device: str) -> None:
 # ---------------------------------------------------------------- runners
 
 def torch_runner(model, device: str, form: str, precision: str, graphs: bool, threads: int | None):
-    from mixformer_deploy.runtimes.torch_runner import TorchRunner
+    from mixformer_deploy.backends.torch.runner import TorchRunner
     return TorchRunner(model, device, precision, form == "deploy", threads, cuda_graphs=graphs)
 
 
 def aoti_runner(package: Path, device: str):
     """The product's AOTInductor runner, replaying from CUDA graphs on CUDA (one graph per batch size)."""
-    from mixformer_deploy.runtimes.aoti_runner import AotiRunner
+    from mixformer_deploy.backends.aoti.runner import AotiRunner
     graphs = "on" if device.startswith("cuda") else "off"
     return AotiRunner.load(package, device=device, options={"cuda_graphs": graphs})
 
@@ -220,7 +220,7 @@ def compile_aoti(source, size: str | None, precision: str, device: str, max_batc
 def shipped_digits():
     """The shipped weights, the held-out digits at their training size and the CPU float32 reference."""
     from mixformer_deploy.data import heldout_digits
-    from mixformer_deploy.runtimes.torch_runner import TorchRunner
+    from mixformer_deploy.backends.torch.runner import TorchRunner
     from mixformer_deploy.source import load_source
 
     source = load_source(None)
@@ -233,8 +233,9 @@ def shipped_digits():
 def judge(name: str, runner, precision: str, target: str, x, labels, reference) -> dict:
     """One path on the held-out digits, as `parity` judges an artifact: the target's tolerance for this
     precision, per input, and the shared accuracy gate (fp32: no extra error; fp16: at most 1)."""
-    from mixformer_deploy.parity import accuracy_gate, compare_outputs, run_batched
-    from mixformer_deploy.targets import get_target
+    from mixformer_deploy.data import run_batched
+    from mixformer_deploy.parity import accuracy_gate, compare_outputs
+    from mixformer_deploy.backends import get_target
 
     t0 = time.perf_counter()
     logits = run_batched(runner, x, getattr(runner, "fixed_batch", None), PARITY_CHUNK)
@@ -513,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     from mixformer_deploy import __version__, create_model
     from mixformer_deploy.bench import available_cores, macs_per_image
     from mixformer_deploy.reports.bench_json import environment
-    from mixformer_deploy.runtimes.aoti_runner import AotiRunner  # noqa: F401 - a dry run proves the imports
-    from mixformer_deploy.targets.aoti import can_compile
+    from mixformer_deploy.backends.aoti.runner import AotiRunner  # noqa: F401 - a dry run proves the imports
+    from mixformer_deploy.backends.aoti.spec import can_compile
 
     if args.dry_run:
         print(json.dumps({"device": args.device, "matrix": matrix, "plan": steps, "estimate_s": estimate,

@@ -64,7 +64,7 @@ def preflight() -> str | None:
         return (f"Core ML prediction needs macOS (this is {platform.system()}): run benchmarks/mac_check.sh "
                 "on a Mac")
     try:
-        from mixformer_deploy.targets.coreml import coremltools
+        from mixformer_deploy.backends.coreml.spec import coremltools
         coremltools()
     except Exception as e:  # noqa: BLE001 - MissingBackendError names the extra
         return str(e)
@@ -92,10 +92,10 @@ def export_all(variant: str | None, size: tuple[int, int], out: Path) -> dict[st
 
 def parity_rows(paths: dict[str, Path], weights: str | None) -> list[dict]:
     from mixformer_deploy.parity import check_parity
-    from mixformer_deploy.targets import get_target
+    from mixformer_deploy.backends import get_spec
 
     rows = []
-    target = get_target("coreml")
+    target = get_spec("coreml")
     for precision in PRECISIONS:
         for units in UNITS:
             gate = "fp16" if units == "cpu_and_ne" else precision
@@ -122,7 +122,7 @@ def app_form_rows(path: Path, reference) -> list[dict]:
 
     from mixformer_deploy.artifact import read_manifest
     from mixformer_deploy.data import Preprocessing, photos
-    from mixformer_deploy.runtimes.coreml_runner import CoreMlRunner
+    from mixformer_deploy.backends.coreml.runner import CoreMlRunner
 
     m = read_manifest(path)
     h, w = m["input_size"]

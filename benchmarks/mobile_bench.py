@@ -33,11 +33,10 @@ ORDER = ["onnxruntime fp32", "openvino fp32", "executorch fp32", "executorch int
 def accuracy_vs_reference(paths: dict, model, h: int, w: int) -> dict:
     import torch
 
-    from mixformer_deploy.data import photos
+    from mixformer_deploy.data import fixed_batch, photos, run_batched
     from mixformer_deploy.artifact import read_manifest
     from mixformer_deploy.numerics import rel_l2
-    from mixformer_deploy.parity import fixed_batch, run_batched
-    from mixformer_deploy.runtimes import open_runner
+    from mixformer_deploy.backends import open_runner
 
     x = photos(h, w)[0]
     with torch.no_grad():
@@ -56,7 +55,7 @@ def run_variant(variant: str, args, rows_md: list[str]) -> dict:
     from openvino_bench import calibration_folder  # noqa: E402  (benchmarks/ is on sys.path)
 
     from mixformer_deploy.export_api import export
-    from mixformer_deploy.targets import built
+    from mixformer_deploy.backends import keys
 
     h = w = args.size
     work = args.work / variant.lower()
@@ -76,7 +75,7 @@ def run_variant(variant: str, args, rows_md: list[str]) -> dict:
 
     int8 = dict(precision="int8", calibration=cal, calibration_size=args.calibration_size)
     plan = [("onnxruntime fp32", dict(target="onnx"))]
-    if built("openvino"):
+    if "openvino" in keys():
         plan.append(("openvino fp32", dict(target="openvino")))
     plan += [("executorch fp32", dict(target="executorch")), ("executorch int8", dict(target="executorch", **int8)),
              ("litert fp32", dict(target="litert")), ("litert int8", dict(target="litert", **int8))]

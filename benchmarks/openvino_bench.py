@@ -95,16 +95,17 @@ def conversion_routes(deploy, h: int, w: int, batch: int, work: Path) -> dict:
     import openvino as ov
     import torch
 
-    from mixformer_deploy.targets.base import ExportOptions
-    from mixformer_deploy.targets.onnx import export_onnx
-    from mixformer_deploy.targets.openvino import offline_transformations
+    from mixformer_deploy.backends import get_spec
+    from mixformer_deploy.backends.exporter import ExportOptions
+    from mixformer_deploy.backends.onnx.export import export_onnx
+    from mixformer_deploy.backends.openvino.export import offline_transformations
 
     t0 = time.perf_counter()
-    proto = export_onnx(deploy, ExportOptions(h, w, batch, "fp32"), {})
+    proto = export_onnx(deploy, ExportOptions(h, w, batch, "fp32", target=get_spec("onnx").parse_options({})), {})
     src = work / ".route.onnx"
     onnx.save(proto, str(src))
     a = ov.Core().read_model(str(src))
-    offline_transformations(a)  # what the target applies after the frontend
+    offline_transformations(a)  # what the exporter applies after the frontend
     t1 = time.perf_counter()
     src.unlink()
     with torch.no_grad():
@@ -116,7 +117,7 @@ def conversion_routes(deploy, h: int, w: int, batch: int, work: Path) -> dict:
 
 def profile(path: Path, options: dict, threads: int, batch: int, h: int, w: int) -> dict:
     from mixformer_deploy.data import random_inputs
-    from mixformer_deploy.runtimes.openvino_runner import OpenVinoRunner
+    from mixformer_deploy.backends.openvino.runner import OpenVinoRunner
 
     runner = OpenVinoRunner.load(path, threads=threads, options=options)
     try:
@@ -133,7 +134,7 @@ def accuracy_vs_reference(paths: dict, options: dict, model, h: int, w: int) -> 
 
     from mixformer_deploy.data import photos
     from mixformer_deploy.numerics import rel_l2
-    from mixformer_deploy.runtimes import open_runner
+    from mixformer_deploy.backends import open_runner
 
     x = photos(h, w)[0]
     with torch.no_grad():
@@ -151,7 +152,7 @@ def run_variant(variant: str, batch: int, args, rows_md: list[str]) -> dict:
     from mixformer_deploy.bench import Policy, artifact_subject, benchmark_subjects
     from mixformer_deploy.deploy import to_deploy
     from mixformer_deploy.export_api import export
-    from mixformer_deploy.runtimes.openvino_runner import OpenVinoRunner
+    from mixformer_deploy.backends.openvino.runner import OpenVinoRunner
     from mixformer_deploy.source import load_source
 
     h = w = args.size

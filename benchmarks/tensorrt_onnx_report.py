@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 def graph_facts(path: Path) -> dict:
     import onnx
 
-    from mixformer_deploy.trt_lint import lint
+    from mixformer_deploy.backends.tensorrt.lint import lint
 
     m = onnx.load(str(path), load_external_data=False)
     ops = Counter(n.op_type for n in m.graph.node)
@@ -42,7 +42,7 @@ def graph_facts(path: Path) -> dict:
 
 
 def seeded_part(variant: str, size: int, calibration_size: int, out: Path) -> list[dict]:
-    """B1 seeded: the target's export() directly (random calibration), parity vs PyTorch on photos+random."""
+    """B1 seeded: the exporter's export() directly (random calibration), parity vs PyTorch on photos+random."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -52,8 +52,8 @@ def seeded_part(variant: str, size: int, calibration_size: int, out: Path) -> li
     from mixformer_deploy.deploy.precision import resolve_keeps
     from mixformer_deploy.model import create_model
     from mixformer_deploy.numerics import rel_l2
-    from mixformer_deploy.targets import get_target
-    from mixformer_deploy.targets.base import Calibration, ExportOptions
+    from mixformer_deploy.backends import get_spec
+    from mixformer_deploy.backends.exporter import Calibration, ExportContext, ExportOptions
 
     model = create_model(variant.lower(), seed=0).eval()
     deploy = to_deploy(model, (size, size))
@@ -62,15 +62,17 @@ def seeded_part(variant: str, size: int, calibration_size: int, out: Path) -> li
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     calib = np.random.RandomState(1).randn(calibration_size, 3, size, size).astype(np.float32)
-    target = get_target("tensorrt")
+    spec = get_spec("tensorrt")
+    exporter = spec.exporter()
     rows = []
     for precision in ("fp32", "fp16", "int8"):
         opts = ExportOptions(size, size, 1, precision, keeps=keeps if precision != "fp32" else [],
                              calibration=Calibration(calib, {"source": "seeded random"}) if precision == "int8" else None,
-                             target_options={o.name: o.default for o in target.options})
+                             target=spec.parse_options({}))
         path = out / f"{variant.lower()}-{size}-{precision}.trt.onnx"
         start = time.perf_counter()
-        target.export(deploy, opts, path, {"target": "tensorrt", "precision": precision, "versions": {}})
+        manifest = {"target": "tensorrt", "precision": precision, "versions": {"mixformer-deploy": "benchmark"}}
+        exporter.export(deploy, ExportContext(final=path, tmp=path, options=opts, manifest=manifest))
         seconds = time.perf_counter() - start
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         a = np.concatenate([s.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])

@@ -6,8 +6,18 @@ Heavy and optional dependencies are imported lazily, inside the functions that n
 
 __version__ = "0.1.0"
 
-from .checkpoints import load_model  # noqa: E402
-from .model import create_model  # noqa: E402
+
+
+def __getattr__(name: str):
+    """create_model and load_model on first use: importing the package (and a backend's light spec)
+    does not import torch."""
+    if name == "create_model":
+        from .model import create_model
+        return create_model
+    if name == "load_model":
+        from .checkpoints import load_model
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def to_deploy(model, input_size):

@@ -128,24 +128,24 @@ def read_sidecar(artifact: Path) -> dict | None:
 
 
 def target_of(artifact: str | Path):
-    """The Target that wrote ``artifact``: the manifest's ``target`` (sidecar first: cheap), else the
-    first target whose suffix fits and whose reader finds an embedded manifest, else by suffix alone."""
-    from .targets import get_target, keys
+    """The spec of the backend that wrote ``artifact``: the manifest's ``target`` (sidecar first: cheap),
+    else the first backend whose suffix fits and whose reader finds an embedded manifest, else by suffix
+    alone. Reads specs only: no exporter is imported."""
+    from .backends import all_specs
 
-    known = keys()
+    specs = {s.key: s for s in all_specs(exporting=True)}
     artifact = Path(artifact)
     side = read_sidecar(artifact)
-    if side and side.get("target") in known:
-        return get_target(side["target"])
-    fits = [get_target(k) for k in known]
-    fits = [t for t in fits if t.suffix and artifact.name.lower().endswith(t.suffix)]
-    for t in fits:
+    if side and side.get("target") in specs:
+        return specs[side["target"]]
+    fits = [s for s in specs.values() if s.owns(artifact)]
+    for s in fits:
         try:
-            embedded = t.read_embedded(artifact)
+            embedded = s.read_embedded(artifact)
         except (ArtifactError, ImportError):
             continue
-        if embedded and embedded.get("target") in known:
-            return get_target(embedded["target"])
+        if embedded and embedded.get("target") in specs:
+            return specs[embedded["target"]]
     return fits[0] if fits else None
 
 

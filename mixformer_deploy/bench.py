@@ -96,7 +96,7 @@ def artifact_subject(path: str | Path, runtime: str = "auto", device: str = "cpu
                      options: dict | None = None) -> Subject:
     """An exported artifact (or a weights file, which the torch runtime runs) and its manifest."""
     from .parity import artifact_manifest
-    from .runtimes import runner_class, runtime_for
+    from .backends import runner_class, runtime_for
 
     p = Path(path)
     if not p.exists():
@@ -160,10 +160,10 @@ def _unique_names(subjects: list[Subject]) -> list[Subject]:
 
 def _open(subject: Subject):
     if subject.role == "artifact":
-        from .runtimes import open_runner
+        from .backends import open_runner
         return open_runner(subject.path, subject.runtime, subject.device, subject.threads, subject.options)
     from .parity import resolve_reference
-    from .runtimes.torch_runner import TorchRunner
+    from .backends.torch.runner import TorchRunner
     ref = resolve_reference(Path(subject.path or subject.name), subject.manifest, subject.weights, [])
     return TorchRunner(ref.model, subject.device, subject.precision, subject.deploy, subject.threads)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import data
 from .errors import InputFileError, UsageError
-from .targets.base import Calibration
+from .backends.exporter import Calibration
 
 log = logging.getLogger(__name__)
 DEFAULT_SIZE = 300

@@ -302,6 +302,13 @@ def load_model(path: str | Path, variant: str | None = None, num_classes: int | 
     return load_checkpoint(path, variant, num_classes).model
 
 
+def describe_config(cfg: MixFormerConfig) -> str:
+    """custom (embed_dim 16, depths [1,1,2,1], heads [1,2,4,8], 10 classes)"""
+    lst = lambda xs: "[" + ",".join(str(x) for x in xs) + "]"  # noqa: E731
+    return (f"{cfg.name} (embed_dim {cfg.embed_dim}, depths {lst(cfg.depths)}, heads {lst(cfg.num_heads)}, "
+            f"{cfg.num_classes} classes)")
+
+
 def save_safetensors(model: MixFormer, out: str | Path, extra: dict | None = None) -> Path:
     """Write a clean PyTorch state dict (derived buffers dropped) with a JSON manifest in its metadata,
     atomically (temporary name, then rename)."""
@@ -316,3 +323,41 @@ def save_safetensors(model: MixFormer, out: str | Path, extra: dict | None = Non
     with atomic_file(out) as tmp:
         save_file(sd, str(tmp), metadata=meta)
     return out
+
+
+# ---------------------------------------------------------------- converting
+
+_RESERVED = ("format", "variant", "config", "num_classes")   # written afresh by save_safetensors
+
+
+def convert_weights_file(src: str | Path, out: str | Path, variant: str | None = None,
+                         num_classes: int | None = None, input_size: tuple[int, int] | None = None) -> dict:
+    """Load ``src`` safely, write a clean safetensors ``out``; returns the summary (also in its metadata).
+
+    ``variant``: B0..B6 the weights must fit (None or "auto": inferred from them); ``input_size``: (height,
+    width) to record. The source's own metadata is kept, and its name, sha256 and format are added, so
+    that the clean file still says where it came from."""
+    from . import __version__
+    from .errors import UsageError
+    from .model import check_input_size, count_params
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"output {out.name!r} must end in .safetensors")
+    name = None if variant is None or variant.lower() == "auto" else variant
+    ck = load_checkpoint(src, name, num_classes)
+    if input_size is not None:
+        check_input_size(ck.config, *input_size)
+    extra = {k: v for k, v in ck.metadata.items() if k not in _RESERVED}
+    extra.update({"source": ck.path.name, "source_sha256": ck.sha256, "source_format": ck.format,
+                  "converted_by": f"mixformer-deploy {__version__}"})
+    if input_size is not None:
+        extra["input_size"] = f"{input_size[0]}x{input_size[1]}"
+    path = save_safetensors(ck.model, out, extra=extra)
+    return {
+        "output": str(path), "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+        "variant": ck.config.name, "inferred": name is None, "description": describe_config(ck.config),
+        "config": ck.config.to_dict(), "num_classes": ck.config.num_classes, "parameters": count_params(ck.model),
+        "input_size": extra.get("input_size"), "source": str(ck.path), "source_sha256": ck.sha256,
+        "source_format": ck.format,
+    }

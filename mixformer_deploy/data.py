@@ -1,10 +1,12 @@
 """Inputs: bundled real photos, the digits dataset (the shipped weights' data), image folders, seeded
-random batches, and the one preprocessing every runner shares."""
+random batches, the one preprocessing every runner shares, and running any runner over them in batches
+(parity, predict and the benchmarks feed artifacts the same way)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -16,6 +18,8 @@ PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "hubble_deep_field", "came
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+KEYWORD_INPUTS = ("photos", "random", "dataset")
+RANDOM_COUNT = 4
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,70 @@ def labelled_folder(folder: str | Path, labels: list[str] | None, num_classes: i
     if not xs:
         raise InputFileError(f"{folder}: no images in class sub-folders")
     return np.stack(xs), ids, np.asarray(ys)
+
+
+# ---------------------------------------------------------------- named input sets
+
+@dataclass
+class InputSet:
+    name: str
+    x: np.ndarray
+    ids: list[str]
+    labels: np.ndarray | None = None
+
+
+def load_inputs(specs: Sequence[str], height: int, width: int, prep: Preprocessing,
+                random_count: int = RANDOM_COUNT) -> list[InputSet]:
+    """photos, seeded random, the held-out digits, or a folder of images, in the order given."""
+    sets = []
+    for spec in dict.fromkeys(specs):  # repeated specs count once
+        if spec == "photos":
+            sets.append(InputSet(spec, *photos(height, width, prep)))
+        elif spec == "random":
+            sets.append(InputSet(spec, *random_inputs(random_count, height, width, seed=0)))
+        elif spec == "dataset":
+            sets.append(InputSet(spec, *heldout_digits(height, width, prep)))
+        elif Path(spec).is_dir():
+            sets.append(InputSet(str(spec), *image_folder(spec, height, width, prep)))
+        else:
+            raise InputFileError(f"inputs {spec!r}: neither {', '.join(KEYWORD_INPUTS)} nor an image folder")
+    if not sets:
+        raise UsageError("no inputs to compare on")
+    return sets
+
+
+# ---------------------------------------------------------------- running a runner over inputs
+
+def fixed_batch(manifest: dict) -> int | None:
+    b = manifest.get("batch")
+    return int(b) if isinstance(b, int) or (isinstance(b, str) and b.isdigit()) else None
+
+
+def _chunks(x: np.ndarray, size: int, fixed: bool):
+    """Slices of ``size``; a fixed-batch artifact takes exactly ``size``, so the last is padded by
+    repeating its final input, and the caller keeps only the first ``n`` outputs."""
+    for i in range(0, len(x), size):
+        part = x[i:i + size]
+        n = len(part)
+        if fixed and n < size:
+            part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
+        yield np.ascontiguousarray(part), n
+
+
+def run_batched(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> np.ndarray:
+    """The first (a classifier's only) output over all of ``x``."""
+    return run_outputs(runner, x, batch, batch_size)[0]
+
+
+def run_outputs(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> list[np.ndarray]:
+    """Every output of the artifact (logits, or a backbone's feature maps) over all of ``x``."""
+    from .backends.runner import as_outputs
+
+    parts = [[o[:n] for o in as_outputs(runner.run(part))]
+             for part, n in _chunks(x, batch or batch_size, batch is not None)]
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+def run_stages_batched(runner, x: np.ndarray, batch: int | None) -> dict[str, np.ndarray]:
+    part, n = next(_chunks(x, batch or len(x), batch is not None))
+    return {k: np.asarray(v, dtype=np.float32)[:n] for k, v in runner.run_stages(part).items()}

@@ -169,22 +169,27 @@ def hardware() -> dict:
 
 # ---------------------------------------------------------------- backends
 
-def backends_status(probe: bool = False) -> dict[str, dict]:
-    """Each backend of the targets and runtimes tables: installed, version, whether it can export (a
-    target that exists) and run (a runtime that exists) here, on which devices. ``probe=True`` lets
-    runtimes import themselves to list devices (slower)."""
-    from .targets import TARGETS, get_target
-    from .targets import built as target_built
-    from .runtimes import RUNTIMES, runner_class
-    from .runtimes import built as runtime_built
+def _rows() -> list[tuple[str, object, object]]:
+    """(key, spec that exports under that key or None, runner class or None): one row per export target
+    and per runtime, the reference runtime and ONNX's first."""
+    from .backends import all_specs
 
+    rows: dict[str, tuple] = {}
+    for spec in all_specs():
+        if spec.exporter_name:
+            rows[spec.key] = (spec, spec.runner_class(spec.key) if spec.key in spec.runners else None)
+        for rt in spec.runners:
+            if rt != spec.key or not spec.exporter_name:
+                rows[rt] = (None, spec.runner_class(rt))
+    order = list(dict.fromkeys(["torch", "onnx", "onnxruntime", *rows]))
+    return [(k, *rows[k]) for k in order if k in rows]
+
+
+def backends_status(probe: bool = False) -> dict[str, dict]:
+    """Each backend's export target and runtimes: installed, version, whether it can export and run here,
+    on which devices. ``probe=True`` lets runtimes import themselves to list devices (slower)."""
     out: dict[str, dict] = {}
-    order = list(dict.fromkeys(["torch", "onnx", "onnxruntime", *TARGETS, *RUNTIMES]))
-    for key in order:
-        target = get_target(key) if key in TARGETS and target_built(key) else None
-        runner = runner_class(key) if key in RUNTIMES and runtime_built(key) else None
-        if target is None and runner is None:
-            continue
+    for key, target, runner in _rows():
         try:
             run = runner.status(probe) if runner else None
         except Exception as e:  # a broken runtime install must not break `info`

@@ -152,9 +152,9 @@ class ExportAllResult:
 # ---------------------------------------------------------------- checks before any weights are read
 
 def known_precisions() -> list[str]:
-    from .targets import all_targets
+    from .backends import all_specs
     seen: dict[str, None] = {}
-    for t in all_targets():
+    for t in all_specs(exporting=True):
         seen.update(dict.fromkeys(t.precisions))
     return list(seen)
 
@@ -179,7 +179,7 @@ def _check_arguments(precisions, img_size, output, calibration, calibration_size
     from .data import parse_size
     from .export_api import check_stride
     from .parity import check_input_options
-    from .targets import all_targets
+    from .backends import all_specs
 
     if img_size:
         check_stride(*parse_size(img_size))
@@ -190,7 +190,7 @@ def _check_arguments(precisions, img_size, output, calibration, calibration_size
     if (keep_fp32 or not default_keeps) and not reduced:
         raise UsageError("--keep-fp32 / --no-default-keeps apply to reduced precisions, not fp32")
     if calibration is not None:
-        if not any(p in t.calibrated for t in all_targets() for p in precisions):
+        if not any(p in t.calibrated for t in all_specs(exporting=True) for p in precisions):
             raise UsageError(f"--calibration applies to calibrated precisions (int8), not {', '.join(precisions)}")
         if not Path(calibration).is_dir():
             raise InputFileError(f"calibration folder not found: {calibration}")
@@ -203,10 +203,11 @@ def _check_arguments(precisions, img_size, output, calibration, calibration_size
 def _plan(precisions: list[str], batch: int | None, command) -> list[tuple[object, str, Row | None]]:
     """(target, precision, a row already decided or None = export it), in table order; no weights read."""
     from .export_api import target_options_of
-    from .targets import ExportOptions, all_targets
+    from .backends import all_specs
+    from .backends.exporter import ExportOptions
 
     out = []
-    for tgt in all_targets():
+    for tgt in all_specs(exporting=True):
         status = tgt.status()
         for p in precisions:
             row = None
@@ -222,7 +223,7 @@ def _plan(precisions: list[str], batch: int | None, command) -> list[tuple[objec
                           note=status.get("note"), command=command(tgt.key, p))
             else:
                 try:
-                    tgt.check(ExportOptions(0, 0, batch, p, target_options=target_options_of(tgt, {})))
+                    tgt.check(ExportOptions(0, 0, batch, p, target=target_options_of(tgt, {})))
                 except MissingBackendError as e:
                     row = Row(tgt.key, p, "unavailable", "not available here", exit_code=e.exit_code, note=str(e),
                               command=command(tgt.key, p))
@@ -291,6 +292,7 @@ def export_all(weights: str | Path | None = None, variant: str | None = None, im
         tick("timing every artifact that runs here against PyTorch eager")
         _bench(result, n or 1, weights, bench_policy, threads, tick)
     result.seconds = time.perf_counter() - start
+    from .reports.export_table import write_summary
     result.summary_path = write_summary(result)
     return result
 
@@ -299,7 +301,7 @@ def _export_one(export, result: ExportAllResult, tgt, precision: str, elsewhere:
                 kwargs: dict) -> Row:
     """One target and precision through export(); one of our errors becomes the row (KeyboardInterrupt and
     bugs are not ours to swallow)."""
-    from .runtimes import runner_class
+    from .backends import runner_class
 
     t0 = time.perf_counter()
     try:
@@ -346,7 +348,7 @@ def _row_of(res, tgt, precision: str, shipped: bool, elsewhere: "_Commands") -> 
         recorded = m.get("parity") or {}
         reason = None
         if recorded.get("status") == "not run":  # the runtime cannot run here (why: its status, else the record)
-            from .runtimes import runner_class
+            from .backends import runner_class
             reason = runner_class(row.runtime).status().get("reason") or recorded.get("reason") or "cannot run here"
         row.kind = "exported"
         row.status = f"exported; parity not run: {reason}" if reason else "exported; not checked"
@@ -471,98 +473,3 @@ def _noisy(res: dict) -> str:
 
 def _join(a: str | None, b: str) -> str:
     return f"{a}; {b}" if a else b
-
-
-# ---------------------------------------------------------------- presentation (format-neutral cells)
-
-def cells(row: Row, status_width: int | None = None) -> list[str]:
-    """The table's cells of one row (blank where not applicable), shared by the terminal table and summary.md."""
-    status = row.status
-    if status_width and len(status) > status_width:
-        status = status[: status_width - 1] + "…"
-    acc = ""
-    if row.accuracy is not None:
-        acc = f"{row.accuracy * 100:.2f}/{row.accuracy_reference * 100:.2f}%"
-    return [row.target, row.precision, status,
-            "" if row.size_bytes is None else f"{row.size_bytes / MIB:.2f}",
-            "" if row.max_abs is None else f"{row.max_abs:.1e}",
-            "" if row.cosine is None else f"{row.cosine:.6f}",
-            "" if row.top1_agreement is None else f"{row.top1_agreement * 100:.1f}%",
-            acc,
-            "" if row.p50_ms is None else f"{row.p50_ms:.3g}",
-            "" if row.speedup is None else f"{row.speedup:.2f}x"]
-
-
-def notes(result: ExportAllResult) -> list[str]:
-    """One line per row that has something to add (why, what is missing, the command that finishes it)."""
-    out = []
-    for r in result.rows:
-        if r.kind == "reference":
-            if r.note and "noisy" in r.note:
-                out.append(f"{r.target} (reference): {r.note}")
-            continue
-        parts = []
-        if r.note and not (r.kind == "error" and r.status == f"error: {r.note}"):
-            parts.append(r.note)
-        elif r.kind == "error":
-            parts.append(r.status)
-        if r.exit_code is not None and r.kind == "error":
-            parts.append(f"exit code {r.exit_code}")
-        if r.command:
-            label = "details" if r.kind == "failed" else "where it can be done"
-            parts.append(f"{label}: `{r.command}`")
-        if r.kind in BUILT and r.artifact:
-            parts.insert(0, Path(r.artifact).name)
-        if parts:
-            out.append(f"{r.target} {r.precision}: " + "; ".join(parts))
-    if result.bench_error:
-        out.append(f"timing: {result.bench_error}")
-    return out
-
-
-def machine_line(result: ExportAllResult) -> str:
-    from .environment import hardware
-
-    hw = hardware()
-    gpus = ", ".join(g.get("name") or g.get("model") or "GPU" for g in hw.get("gpus") or []) or "no GPU"
-    line = f"{hw.get('cpu')} ({hw.get('usable_cpus')} usable CPUs), {gpus}, {hw.get('os')}"
-    if result.bench:
-        s = result.bench.get("settings") or {}
-        line += (f"; timed with {s.get('threads')} thread(s), batch {', '.join(map(str, s.get('batches') or []))}, "
-                 f">= {s.get('duration_s')} s per subject, interleaved")
-    return line
-
-
-def summary_markdown(result: ExportAllResult) -> str:
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    counts = ", ".join(f"{v} {k}" for k, v in result.counts().items())
-    lines = ["## mixformer-deploy: every target", ""]
-    if result.command:
-        lines += ["```", result.command, "```", ""]
-    lines += [f"Machine: {machine_line(result)}.", "",
-              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    for r in result.rows:
-        lines.append("| " + " | ".join(esc(c) for c in cells(r)) + " |")
-    verdict = {0: "ok", 1: "a gate failed (exit 1)"}.get(result.exit_code, f"exit {result.exit_code}")
-    lines += ["", f"{counts}; {verdict}; {result.seconds:.1f} s in all (weights read once, "
-                  f"{result.load_seconds:.1f} s)."]
-    extra = notes(result)
-    if extra:
-        lines += ["", "Notes:", ""] + [f"- {esc(n)}" for n in extra]
-    lines += ["", "Blank cells do not apply. Parity: PyTorch eager float32 of the same weights; accuracy: the "
-                  "held-out digits (shipped weights only). Timings are comparable within this run only.", ""]
-    return "\n".join(lines)
-
-
-def write_summary(result: ExportAllResult) -> Path:
-    import os
-
-    result.output.mkdir(parents=True, exist_ok=True)
-    path = result.output / SUMMARY_NAME
-    result.summary_path = path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(summary_markdown(result))
-    tmp.replace(path)
-    return path

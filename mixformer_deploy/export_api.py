@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,9 @@ from .errors import ArtifactError, CheckpointError, ExportError, InputFileError,
 from .manifest import artifact_name
 from .numerics import rel_l2
 from .source import SourceModel, base_manifest, load_source, resolve_size
-from .targets import ExportOptions, Target, get_target
+from .backends import get_spec
+from .backends.exporter import ExportContext, ExportOptions
+from .backends.spec import BackendSpec
 
 log = logging.getLogger(__name__)
 REWRITE_MAX_REL_L2 = 1e-5
@@ -91,20 +93,20 @@ def output_path(output: str | Path | None, name: str, suffix: str) -> Path:
     return out if out.name.lower().endswith(suffix) else out / name
 
 
-def target_options_of(target: Target, given: dict | None) -> dict:
-    """The target's own options, parsed, defaults filled. An option of another target is a usage error
+def target_options_of(spec: BackendSpec, given: dict | None):
+    """The backend's own options, typed, defaults filled. An option of another target is a usage error
     naming the targets that take it."""
-    from .targets import option_owners
+    from .backends import option_owners
 
-    mine = {o.name: o for o in target.options}
+    mine = {o.name for o in spec.options}
     given = {k: v for k, v in (given or {}).items() if v is not None}
     for name in given:
         if name not in mine:
             owners = option_owners().get(name, (None, []))[1]
             flag = "--" + name.replace("_", "-")
             where = f"it belongs to {', '.join(owners)}" if owners else "no target takes it"
-            raise UsageError(f"{flag} is not an option of the {target.key} target ({where})")
-    return {name: opt.parse(given.get(name)) for name, opt in mine.items()}
+            raise UsageError(f"{flag} is not an option of the {spec.key} target ({where})")
+    return spec.parse_options(given)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class ExportResult:
     path: Path
     manifest: dict
     parity: object | None = None
-    after: object | None = None   # the target's after-publish step (TensorRT: trtexec line, engine, what is missing)
+    after: object | None = None   # the backend's follow-up (FollowUp; TensorRT: trtexec line, engine, what is missing)
 
     @property
     def passed(self) -> bool:
@@ -120,6 +122,19 @@ class ExportResult:
 
     def to_dict(self) -> dict:
         return {"artifact": str(self.path), "passed": self.passed, "manifest": self.manifest}
+
+
+@dataclass
+class _Job:
+    """One export on its way through the pipeline's steps."""
+
+    spec: BackendSpec
+    options: ExportOptions
+    source: SourceModel | None = None
+    reference: torch.nn.Module | None = None
+    deploy: torch.nn.Module | None = None
+    manifest: dict = field(default_factory=dict)
+    check: bool | None = None
 
 
 def export(weights: str | Path | None = None, target: str = "onnx", variant: str | None = None,
@@ -137,88 +152,126 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
     cannot run); False skips it. ``source``: weights already loaded (``load_source``), so that several
     exports of one model read them once. ``head="none"``: a backbone artifact whose outputs are the
     feature maps of the stages in ``out_indices`` (features_0..3, NCHW), each after its LayerNorm from
-    the checkpoint with ``out_norm``. Options are checked before any weights are read. The deploy form
-    gates itself: a rewrite error above REWRITE_MAX_REL_L2 on real photos is an ExportError (exit 5)."""
-    from .calibration import load_calibration
-    from .deploy.precision import resolve_keeps
+    the checkpoint with ``out_norm``. The steps: check the request (before any weights are read) ->
+    resolve the source -> deploy form -> manifest -> write, gate and publish -> the backend's follow-up."""
+    job = _check_request(target, batch, img_size, precision, head, out_indices, out_norm, check, keep_fp32,
+                         default_keeps, calibration, target_options, output, inputs, accuracy_set,
+                         max_accuracy_drop)
+    _resolve_source(job, source or load_source(weights, variant, num_classes), img_size, head, out_indices, out_norm)
+    _deploy_form(job, keep_fp32, default_keeps, calibration, calibration_size)
+    _describe(job, head, out_norm, keep_fp32, default_keeps)
+    result = _write_gate_publish(job, output, head, inputs, accuracy_set, max_accuracy_drop)
+    if result.passed:
+        result.after = job.spec.exporter().follow_up(result.path, job.options)
+    return result
 
-    tgt = get_target(target)
-    n = parse_batch(batch)
-    if img_size:  # the size is checked before any weights are read (every MixFormer's stride is 32)
+
+def _check_request(target, batch, img_size, precision, head, out_indices, out_norm, check, keep_fp32,
+                   default_keeps, calibration, target_options, output, inputs, accuracy_set,
+                   max_accuracy_drop) -> _Job:
+    """Every option checked before any weights are read: a usage error costs nothing."""
+    spec = get_spec(target)
+    if img_size:  # every MixFormer's stride is 32
         check_stride(*parse_size(img_size))
     check_head(head, out_indices, out_norm)
-    options = ExportOptions(0, 0, n, precision, target_options=target_options_of(tgt, target_options))
-    tgt.check(options)  # before any weights are read
-    unjudged = tgt.unjudged_form(options)
+    options = ExportOptions(0, 0, parse_batch(batch), precision, target=target_options_of(spec, target_options))
+    spec.check(options)
+    unjudged = spec.unjudged_form(options)
     if unjudged and check:
         raise UsageError(f"--check: {unjudged}; check the plain form (export it without those options)")
     if precision == "fp32" and (keep_fp32 or not default_keeps):
         raise UsageError("--keep-fp32 / --no-default-keeps apply to reduced precisions, not fp32")
-    if calibration is not None and precision not in tgt.calibrated:
-        raise UsageError(f"--calibration applies to {', '.join(tgt.calibrated) or 'no precision'} of {tgt.key}, "
+    if calibration is not None and precision not in spec.calibrated:
+        raise UsageError(f"--calibration applies to {', '.join(spec.calibrated) or 'no precision'} of {spec.key}, "
                          f"not {precision}")
     if calibration is not None and not Path(calibration).is_dir():
         raise InputFileError(f"calibration folder not found: {calibration}")
-    check_output(output, tgt.suffix)
+    check_output(output, spec.suffix)
     if check is not False:
         from .parity import check_input_options
         check_input_options(inputs, accuracy_set, max_accuracy_drop)
-    source = source or load_source(weights, variant, num_classes)
-    h, w = resolve_size(source, img_size)
-    options.height, options.width = h, w
-    reference = source.model
+    return _Job(spec, options, check=check)
+
+
+def _resolve_source(job: _Job, source: SourceModel, img_size, head: str, out_indices, out_norm: bool) -> None:
+    """The weights, the input size they record and the module to export (a classifier or its backbone)."""
+    job.source = source
+    job.options.height, job.options.width = resolve_size(source, img_size)
+    job.reference = source.model
     if head == "none":
         from .source import backbone_of
-        reference = backbone_of(source, out_indices, out_norm)
+        job.reference = backbone_of(source, out_indices, out_norm)
     elif not source.has_classifier:
         raise CheckpointError(f"{source.weights.get('name')}: a backbone-only checkpoint (no classifier head): "
                               "export it with --head none")
-    deploy = _to_deploy(reference, h, w)
-    shipped = bool(source.weights.get("shipped"))
-    if precision != "fp32":
-        options.keeps = resolve_keeps(deploy, tuple(keep_fp32), default_keeps)
-    if precision in tgt.calibrated:
-        options.calibration = load_calibration(calibration, calibration_size, h, w, source.preprocessing, shipped)
-    manifest = base_manifest(source, tgt.key, tgt.runtime, h, w, n, precision, tgt.versions)
-    manifest["target_options"] = options.target_options
-    manifest["head"] = head
+
+
+def _deploy_form(job: _Job, keep_fp32, default_keeps: bool, calibration, calibration_size: int) -> None:
+    """The deploy form, the float32 keeps of a reduced precision and the int8 calibration images."""
+    from .calibration import load_calibration
+    from .deploy.precision import resolve_keeps
+
+    o = job.options
+    job.deploy = _to_deploy(job.reference, o.height, o.width)
+    if o.precision != "fp32":
+        o.keeps = resolve_keeps(job.deploy, tuple(keep_fp32), default_keeps)
+    if o.precision in job.spec.calibrated:
+        o.calibration = load_calibration(calibration, calibration_size, o.height, o.width,
+                                         job.source.preprocessing, bool(job.source.weights.get("shipped")))
+
+
+def _describe(job: _Job, head: str, out_norm: bool, keep_fp32, default_keeps: bool) -> None:
+    """The manifest, with the deploy form's own error: it gates itself (over REWRITE_MAX_REL_L2: exit 5)."""
+    spec, o, h, w = job.spec, job.options, job.options.height, job.options.width
+    m = job.manifest = base_manifest(job.source, spec.key, spec.runtime, h, w, o.batch, o.precision, spec.versions)
+    m["target_options"], m["head"] = o.target.to_dict(), head
     if head == "none":
-        manifest["outputs"] = reference.outputs(h, w, n or "batch")
-        manifest["out_indices"], manifest["out_norm"] = list(reference.out_indices), bool(out_norm)
-    manifest["rewrite_error_rel_l2"] = err = rewrite_error(reference, deploy, h, w)
+        m["outputs"] = job.reference.outputs(h, w, o.batch or "batch")
+        m["out_indices"], m["out_norm"] = list(job.reference.out_indices), bool(out_norm)
+    m["rewrite_error_rel_l2"] = err = rewrite_error(job.reference, job.deploy, h, w)
     if not err <= REWRITE_MAX_REL_L2:
         raise RewriteError(f"the deploy form differs from the reference by {err:.3g} relative L2 on photos "
                            f"(limit {REWRITE_MAX_REL_L2:g}): refusing to export")
-    if precision != "fp32":
-        manifest["precision_keeps"] = {"defaults": default_keeps, "patterns": list(keep_fp32),
-                                       "modules": options.keeps}
-    if options.calibration is not None:
-        manifest["calibration"] = options.calibration.record
+    if o.precision != "fp32":
+        m["precision_keeps"] = {"defaults": default_keeps, "patterns": list(keep_fp32), "modules": o.keeps}
+    if o.calibration is not None:
+        m["calibration"] = o.calibration.record
+    _decide_check(job)
+
+
+def _decide_check(job: _Job) -> None:
+    """Whether the gate runs: never on an app-facing form; by default where the runtime runs here."""
+    unjudged = job.spec.unjudged_form(job.options)
     if unjudged:
-        check = False
+        job.check = False
         log.warning("parity not checked: %s", unjudged)
-        manifest["parity"] = {"status": "not run", "reason": unjudged}
-    if check is None:
-        from .runtimes import runner_class
-        status = runner_class(tgt.runtime).status()
-        check = bool(status.get("can_run"))
-        if not check:
-            log.warning("parity not checked here: %s", status.get("note") or f"{tgt.runtime} cannot run here")
-            manifest["parity"] = {"status": "not run", "reason": status.get("note")}
-    name = artifact_name(source.model.cfg.name, h, w, n, precision, tgt.suffix, backbone=head == "none")
-    final = output_path(output, name, tgt.suffix)
+        job.manifest["parity"] = {"status": "not run", "reason": unjudged}
+    if job.check is None:
+        status = job.spec.runner_class().status()
+        job.check = bool(status.get("can_run"))
+        if not job.check:
+            log.warning("parity not checked here: %s", status.get("note") or f"{job.spec.runtime} cannot run here")
+            job.manifest["parity"] = {"status": "not run", "reason": status.get("note")}
+
+
+def _write_gate_publish(job: _Job, output, head: str, inputs, accuracy_set, max_accuracy_drop) -> ExportResult:
+    """Write under a temporary name, gate it, publish it whole (a failure as ``<name>.failed``)."""
+    spec, o, manifest = job.spec, job.options, job.manifest
+    name = artifact_name(job.source.model.cfg.name, o.height, o.width, o.batch, o.precision, spec.suffix,
+                         backbone=head == "none")
+    final = output_path(output, name, spec.suffix)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = temp_path(final)
     result = ExportResult(final, manifest)
     try:
-        tgt.export(deploy, options, tmp, manifest)
-        manifest["size_bytes"] = sum(f.stat().st_size for f in tgt.files(tmp))
+        spec.exporter().export(job.deploy, ExportContext(final, tmp, o, manifest))
+        manifest["size_bytes"] = sum(f.stat().st_size for f in spec.files(tmp))
         write_json(sidecar_path(tmp), manifest)  # a temporary already: its name carries the pid
-        if check:
+        if job.check:
             from .parity import check_parity
             with _converter_rejects(tmp.name, final.name):
-                result.parity = check_parity(tmp, weights_model=source, inputs=inputs, accuracy_set=accuracy_set,
+                result.parity = check_parity(tmp, weights_model=job.source, inputs=inputs, accuracy_set=accuracy_set,
                                              max_accuracy_drop=max_accuracy_drop, display_name=final.name)
             manifest["parity"] = result.parity.summary()
         if not result.passed:
@@ -234,8 +287,6 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
         stale = final.with_name(final.name + ".failed")
         remove(stale)
         sidecar_path(stale).unlink(missing_ok=True)
-    if result.passed and hasattr(tgt, "after_publish"):
-        result.after = tgt.after_publish(final, options)
     return result
 
 

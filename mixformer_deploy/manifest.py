@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from . import __version__
 from .artifact import SCHEMA  # noqa: F401 (re-exported: the manifest schema, defined with the artifact)
-from .backends import version_of
+from .optional import version_of
 from .errors import ArtifactError, one_line
 
 EMBED_KEY = "mixformer_deploy.manifest"

@@ -19,16 +19,15 @@ from typing import Sequence
 import numpy as np
 
 from . import data
+from .data import KEYWORD_INPUTS, RANDOM_COUNT, InputSet, fixed_batch, load_inputs, run_outputs, run_stages_batched
 from .errors import ArtifactError, InputFileError, UsageError
 from .numerics import rel_l2
-from .targets.base import Tolerance
+from .backends.spec import FP32, INT8_PER_TENSOR, Tolerance
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "mixformer-deploy/parity/1"
-KEYWORD_INPUTS = ("photos", "random", "dataset")
 DEFAULT_INPUTS = ("photos", "random")
-RANDOM_COUNT = 4
 LOCALIZE_COUNT = 2       # inputs run through run_stages on failure (a fixed batch uses its own size)
 STAGE_REL_L2_MIN = 1e-3  # good fp32 artifacts sit near 1e-6 per stage; a wrong weight is far above 1e-2
 STAGE_REL_L2_MAX = 0.5
@@ -68,10 +67,10 @@ def artifact_manifest(path: str | Path) -> dict:
 def default_tolerance(path: str | Path, precision: str) -> Tolerance:
     """The target's tolerance for this precision; a checkpoint (torch runtime, fp32) gets the defaults."""
     if is_checkpoint(path):
-        return Tolerance()
+        return FP32
     from .artifact import target_of
     target = target_of(path)
-    return target.tolerance(precision) if target else Tolerance()
+    return target.tolerance(precision) if target else FP32
 
 
 def manifest_summary(m: dict) -> dict:
@@ -177,14 +176,6 @@ def _warn(warnings: list[str], message: str) -> None:
 
 # ---------------------------------------------------------------- inputs
 
-@dataclass
-class InputSet:
-    name: str
-    x: np.ndarray
-    ids: list[str]
-    labels: np.ndarray | None = None
-
-
 def check_input_options(inputs: Sequence[str] | None, accuracy_set: str | Path | None,
                         max_accuracy_drop: str | None) -> None:
     """The input options checked without reading anything, so that export fails on a typo before the
@@ -196,61 +187,6 @@ def check_input_options(inputs: Sequence[str] | None, accuracy_set: str | Path |
         raise InputFileError(f"accuracy set not found: {accuracy_set} (a folder with one sub-folder per class)")
     if max_accuracy_drop is not None:
         allowed_extra("fp32", 1, True, max_accuracy_drop)
-
-
-def load_inputs(specs: Sequence[str], height: int, width: int, prep: data.Preprocessing,
-                random_count: int = RANDOM_COUNT) -> list[InputSet]:
-    """photos, seeded random, the held-out digits, or a folder of images, in the order given."""
-    sets = []
-    for spec in dict.fromkeys(specs):  # repeated specs count once
-        if spec == "photos":
-            sets.append(InputSet(spec, *data.photos(height, width, prep)))
-        elif spec == "random":
-            sets.append(InputSet(spec, *data.random_inputs(random_count, height, width, seed=0)))
-        elif spec == "dataset":
-            sets.append(InputSet(spec, *data.heldout_digits(height, width, prep)))
-        elif Path(spec).is_dir():
-            sets.append(InputSet(str(spec), *data.image_folder(spec, height, width, prep)))
-        else:
-            raise InputFileError(f"inputs {spec!r}: neither {', '.join(KEYWORD_INPUTS)} nor an image folder")
-    if not sets:
-        raise UsageError("no inputs to compare on")
-    return sets
-
-
-def fixed_batch(manifest: dict) -> int | None:
-    b = manifest.get("batch")
-    return int(b) if isinstance(b, int) or (isinstance(b, str) and b.isdigit()) else None
-
-
-def _chunks(x: np.ndarray, size: int, fixed: bool):
-    """Slices of ``size``; a fixed-batch artifact takes exactly ``size``, so the last is padded by
-    repeating its final input, and the caller keeps only the first ``n`` outputs."""
-    for i in range(0, len(x), size):
-        part = x[i:i + size]
-        n = len(part)
-        if fixed and n < size:
-            part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
-        yield np.ascontiguousarray(part), n
-
-
-def run_batched(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> np.ndarray:
-    """The first (a classifier's only) output over all of ``x``."""
-    return run_outputs(runner, x, batch, batch_size)[0]
-
-
-def run_outputs(runner, x: np.ndarray, batch: int | None, batch_size: int = 16) -> list[np.ndarray]:
-    """Every output of the artifact (logits, or a backbone's feature maps) over all of ``x``."""
-    from .runtimes.base import as_outputs
-
-    parts = [[o[:n] for o in as_outputs(runner.run(part))]
-             for part, n in _chunks(x, batch or batch_size, batch is not None)]
-    return [np.concatenate(p) for p in zip(*parts)]
-
-
-def run_stages_batched(runner, x: np.ndarray, batch: int | None) -> dict[str, np.ndarray]:
-    part, n = next(_chunks(x, batch or len(x), batch is not None))
-    return {k: np.asarray(v, dtype=np.float32)[:n] for k, v in runner.run_stages(part).items()}
 
 
 # ---------------------------------------------------------------- metrics
@@ -545,25 +481,57 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     the reference, by precision (see ALLOWED_EXTRA_*). Raises ArtifactError when the artifact is bad or does not fit the weights;
     a failed comparison is not an error here: read ``report.passed``.
     """
-    from .manifest import now_iso, tool_versions
-    from .runtimes import open_runner
-    from .runtimes.torch_runner import TorchRunner
-    from .shipped import is_shipped
-
     start = time.perf_counter()
     artifact = Path(artifact)
     manifest = artifact_manifest(artifact)
-    from .runtimes import runner_class, runtime_for
-    runner_cls = runner_class(runtime_for(artifact) if runtime in (None, "auto") else runtime)
-    runtime_options = runner_cls.check_options(runtime_options)  # a usage error before any weights are read
-    status = runner_cls.status()
-    if not status.get("can_run", True):  # e.g. Core ML on Linux: say so before resolving weights
-        from .errors import MissingBackendError
-        raise MissingBackendError(status.get("reason") or status.get("note") or f"the {runner_cls.key} runtime cannot run here")
+    runtime_options = _usable_runtime(artifact, runtime, runtime_options)
     warnings: list[str] = []
     ref = (given_reference(weights_model, manifest) if weights_model is not None
            else resolve_reference(artifact, manifest, weights, warnings))
-    tol = _tolerance(artifact, manifest, atol, rtol, min_cosine)
+    sets, cached, cache_key = _input_sets(ref, manifest, inputs, random_count, accuracy_set, warnings)
+    reference, runner = _open_sides(ref, artifact, runtime, device, threads, runtime_options)
+    try:
+        precision = getattr(runner, "precision", None) or manifest.get("precision") or "fp32"
+        names, batch = output_names(manifest), fixed_batch(manifest)
+        tol = _judging_tolerance(artifact, manifest, precision, len(names) > 1, atol, rtol, min_cosine)
+        log.info("parity of %s (%s) against %s on %s", display_name or artifact.name, runner.key, ref.path or "seeded weights",
+                 ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
+        ref_outs = _reference_outputs(reference, sets, cached, cache_key, batch_size)
+        outs = _artifact_outputs(runner, artifact, sets, names, ref_outs, batch, batch_size)
+        result = (_compare_classifier(outs, sets, tol, precision, max_accuracy_drop) if len(names) == 1
+                  else _compare_backbone(outs, sets, names, tol))
+        report = _build_report(artifact, manifest, ref, runner, reference, tol, sets, result, warnings)
+        if not result.overall.passed:
+            _localize(report, runner, reference, sets, result.all_a, result.all_r, batch, tol)
+    finally:
+        runner.close()
+        reference.close()
+    report.seconds = round(time.perf_counter() - start, 3)
+    log.info("parity %s: max|a-r| %s, cosine %.8f", "passed" if report.passed else "FAILED",
+             _g(result.overall.max_abs), result.overall.cosine)
+    return report
+
+
+def _usable_runtime(artifact: Path, runtime: str, options: dict | None) -> dict:
+    """The runtime's options checked, and the runtime able to run here (Core ML on Linux is not), before
+    any weights are read: a typo or a missing runtime is then the only error, and a quick one."""
+    from .backends import runner_class, runtime_for
+    from .errors import MissingBackendError
+
+    runner_cls = runner_class(runtime_for(artifact) if runtime in (None, "auto") else runtime)
+    options = runner_cls.check_options(options)
+    status = runner_cls.status()
+    if not status.get("can_run", True):
+        raise MissingBackendError(status.get("reason") or status.get("note") or f"the {runner_cls.key} runtime cannot run here")
+    return options
+
+
+def _input_sets(ref: Reference, manifest: dict, inputs: Sequence[str] | None, random_count: int,
+                accuracy_set: str | Path | None, warnings: list[str]) -> tuple[list[InputSet], dict, tuple]:
+    """(sets, the reference outputs already known for them, the cache key). Several artifacts of one model
+    in a row (export --target all) read the inputs and run the reference once: the last ones are kept."""
+    from .shipped import is_shipped
+
     height, width = (int(v) for v in manifest["input_size"])
     prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
     shipped = is_shipped(ref.sha256)
@@ -574,85 +542,42 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
                         "little for other weights")
     key = (tuple(inputs), random_count, height, width, json.dumps(prep.to_dict(), sort_keys=True),
            str(accuracy_set), manifest.get("head"), str(manifest.get("out_indices")), manifest.get("out_norm"))
-    base = getattr(ref.model, "model", ref.model)  # a backbone wraps the weights' model
+    cache_key = (getattr(ref.model, "model", ref.model), key)  # a backbone wraps the weights' model
     cached = _LAST_REFERENCE.get("entry")
-    if cached is not None and cached[0] is base and cached[1] == key:
-        sets, ref_outs = cached[2], cached[3]
-    else:
-        sets, ref_outs = load_inputs(inputs, height, width, prep, random_count), {}
-        if accuracy_set is not None:
-            x, ids, y = data.labelled_folder(accuracy_set, manifest.get("labels"),
-                                             int(manifest.get("num_classes") or 0), height, width, prep)
-            sets.append(InputSet(f"accuracy-set {Path(accuracy_set).name}", x, ids, y))
-    batch = fixed_batch(manifest)
-    precision = manifest.get("precision") or "fp32"
+    if cached is not None and cached[0] is cache_key[0] and cached[1] == key:
+        return cached[2], cached[3], cache_key
+    sets = load_inputs(inputs, height, width, prep, random_count)
+    if accuracy_set is not None:
+        x, ids, y = data.labelled_folder(accuracy_set, manifest.get("labels"),
+                                         int(manifest.get("num_classes") or 0), height, width, prep)
+        sets.append(InputSet(f"accuracy-set {Path(accuracy_set).name}", x, ids, y))
+    return sets, {}, cache_key
+
+
+def _open_sides(ref: Reference, artifact: Path, runtime: str, device: str, threads: int | None, options: dict):
+    """(reference runner, artifact runner): PyTorch eager float32 of the reference function on the CPU, and
+    the artifact on the runtime and device asked for. The caller closes both; a failed open closes the first."""
+    from .backends import open_runner
+    from .backends.torch.runner import TorchRunner
 
     reference = TorchRunner(ref.model)
-    runner = open_runner(artifact, runtime, device, threads=threads, options=runtime_options)
-    executed = getattr(runner, "precision", None) or precision
-    if executed != precision:  # a runtime option changed the execution precision (OpenVINO bf16): its tolerance
-        precision = executed
-        tol = _tolerance(artifact, {**manifest, "precision": executed}, atol, rtol, min_cosine)
     try:
-        log.info("parity of %s (%s) against %s on %s", display_name or artifact.name, runner.key, ref.path or "seeded weights",
-                 ", ".join(f"{s.name} ({len(s.x)})" for s in sets))
-        names = output_names(manifest)
-        for s in sets:
-            if s.name not in ref_outs:
-                ref_outs[s.name] = run_outputs(reference, s.x, None, batch_size)
-        # several artifacts of one model in a row (export --target all): inputs and reference outputs once
-        _LAST_REFERENCE["entry"] = (base, key, sets, ref_outs)
-        outs = {s.name: (run_outputs(runner, s.x, batch, batch_size), ref_outs[s.name]) for s in sets}
-        if any(len(a) != len(names) for a, _ in outs.values()):
-            raise ArtifactError(f"{artifact.name}: {len(next(iter(outs.values()))[0])} output(s), its manifest names "
-                                f"{len(names)} ({', '.join(names)})")
-        all_ids = [f"{s.name}/{i}" for s in sets for i in s.ids]
-        if len(names) == 1:
-            outs = {k: (a[0], r[0]) for k, (a, r) in outs.items()}
-            all_a = np.concatenate([a for a, _ in outs.values()])
-            all_r = np.concatenate([r for _, r in outs.values()])
-            overall = compare_outputs(all_a, all_r, tol, ids=all_ids)
-            per_set = {s.name: compare_outputs(*outs[s.name], tol, s.labels, s.ids) for s in sets}
-            per_output, failures = None, overall.failures(tol)
-            gates = [accuracy_gate(s.name, *outs[s.name], s.labels, precision, s.name == "dataset", max_accuracy_drop)
-                     for s in sets if s.labels is not None]
-        else:  # a backbone: every feature map judged on its own by the rule; no top-1, no accuracy
-            if precision == "int8":  # per-tensor activation scales: out-of-distribution noise drifts most
-                from .targets.base import INT8_PER_TENSOR
-                tol = _tolerance(artifact, manifest, atol, rtol, min_cosine, base=INT8_PER_TENSOR)
-            tol = replace(tol, gate_top1=False)
-            per_output, per_set, failures = {}, {}, []
-            for k, name in enumerate(names):
-                a = np.concatenate([a[k] for a, _ in outs.values()])
-                r = np.concatenate([r[k] for _, r in outs.values()])
-                per_output[name] = compare_outputs(a, r, tol, ids=all_ids)
-                failures += [f"{name}: {f}" for f in per_output[name].failures(tol)]
-                for s in sets:
-                    per_set[f"{s.name} {name}"] = compare_outputs(outs[s.name][0][k], outs[s.name][1][k], tol, ids=s.ids)
-            overall = max(per_output.values(), key=lambda m: (not m.passed, m.worst_abs / m.bound if m.bound else 0))
-            all_a, all_r = (np.concatenate([np.concatenate([o[k] for o in side]).reshape(sum(len(s.x) for s in sets), -1)
-                                            for k in range(len(names))], axis=1)
-                            for side in ([a for a, _ in outs.values()], [r for _, r in outs.values()]))
-            gates = []
-        report = ParityReport(
-            artifact=str(artifact), manifest=manifest_summary(manifest), runtime=runner.describe(),
-            reference={"source": ref.source, "path": ref.path, "sha256": ref.sha256, **reference.describe()},
-            tolerance=asdict(tol), inputs=[{"name": s.name, "count": len(s.x)} for s in sets],
-            sets=per_set, overall=overall, outputs=per_output,
-            passed=overall.passed and all(m.passed for m in (per_output or {}).values()) and all(g.passed for g in gates),
-            failures=failures + [
-                f"accuracy on {g.set}: {g.artifact_errors} of {g.count} misclassified vs {g.reference_errors} by the "
-                f"reference ({g.extra:+d}; {g.rule})" for g in gates if not g.passed], accuracy=gates,
-            warnings=warnings, versions=tool_versions(), created=now_iso())
-        if not overall.passed:
-            _localize(report, runner, reference, sets, all_a, all_r, batch, tol)
-    finally:
-        runner.close()
+        return reference, open_runner(artifact, runtime, device, threads=threads, options=options)
+    except BaseException:
         reference.close()
-    report.seconds = round(time.perf_counter() - start, 3)
-    log.info("parity %s: max|a-r| %s, cosine %.8f", "passed" if report.passed else "FAILED",
-             _g(overall.max_abs), overall.cosine)
-    return report
+        raise
+
+
+def _judging_tolerance(artifact: Path, manifest: dict, precision: str, backbone: bool, atol, rtol,
+                       min_cosine) -> Tolerance:
+    """The target's tolerance for the precision the runner executes (a runtime option may change it, e.g.
+    OpenVINO bf16), given values replacing its own. A backbone's int8 feature maps take the per-tensor one
+    (out-of-distribution noise drifts most there), and feature maps have no classes to gate top-1 on."""
+    if backbone and precision == "int8":
+        tol = _tolerance(artifact, manifest, atol, rtol, min_cosine, base=INT8_PER_TENSOR)
+    else:
+        tol = _tolerance(artifact, {**manifest, "precision": precision}, atol, rtol, min_cosine)
+    return replace(tol, gate_top1=False) if backbone else tol
 
 
 def _tolerance(artifact: Path, manifest: dict, atol, rtol, min_cosine, base: Tolerance | None = None) -> Tolerance:
@@ -661,6 +586,105 @@ def _tolerance(artifact: Path, manifest: dict, atol, rtol, min_cosine, base: Tol
                      rtol=base.rtol if rtol is None else float(rtol),
                      min_cosine=base.min_cosine if min_cosine is None else float(min_cosine),
                      gate_top1=base.gate_top1)
+
+
+def _reference_outputs(reference, sets: list[InputSet], known: dict, cache_key: tuple,
+                       batch_size: int) -> dict[str, list[np.ndarray]]:
+    """Each set's reference outputs, run only where not already known, then kept as the last reference's
+    (the artifact may still fail: its inputs and reference are no less valid for the next one)."""
+    for s in sets:
+        if s.name not in known:
+            known[s.name] = run_outputs(reference, s.x, None, batch_size)
+    _LAST_REFERENCE["entry"] = (*cache_key, sets, known)
+    return known
+
+
+def _artifact_outputs(runner, artifact: Path, sets: list[InputSet], names: list[str], ref_outs: dict,
+                      batch: int | None, batch_size: int) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Each set's artifact outputs, paired with the reference's. An artifact whose outputs are not the ones
+    its manifest names cannot be compared output by output: a bad artifact (exit 4), not a failed check."""
+    outs = {s.name: (run_outputs(runner, s.x, batch, batch_size), ref_outs[s.name]) for s in sets}
+    if any(len(a) != len(names) for a, _ in outs.values()):
+        raise ArtifactError(f"{artifact.name}: {len(next(iter(outs.values()))[0])} output(s), its manifest names "
+                            f"{len(names)} ({', '.join(names)})")
+    return outs
+
+
+@dataclass
+class _Comparison:
+    overall: OutputMetrics                     # what passes or fails the rule (a backbone: its worst map)
+    sets: dict[str, OutputMetrics]
+    outputs: dict[str, OutputMetrics] | None   # a backbone's: each feature map over all inputs
+    failures: list[str]
+    gates: list[AccuracyGate]
+    all_a: np.ndarray                          # every input's outputs, one row per input: what localizing ranks
+    all_r: np.ndarray
+
+    @property
+    def passed(self) -> bool:
+        return (self.overall.passed and all(m.passed for m in (self.outputs or {}).values())
+                and all(g.passed for g in self.gates))
+
+
+def _all_ids(sets: list[InputSet]) -> list[str]:
+    return [f"{s.name}/{i}" for s in sets for i in s.ids]
+
+
+def _compare_classifier(outs: dict, sets: list[InputSet], tol: Tolerance, precision: str,
+                        max_accuracy_drop: str | None) -> _Comparison:
+    """The logits of every input judged together (the rule holds per input, so one verdict covers all
+    sets), reported per set, and the accuracy gate on each labelled set."""
+    outs = {k: (a[0], r[0]) for k, (a, r) in outs.items()}
+    all_a = np.concatenate([a for a, _ in outs.values()])
+    all_r = np.concatenate([r for _, r in outs.values()])
+    overall = compare_outputs(all_a, all_r, tol, ids=_all_ids(sets))
+    per_set = {s.name: compare_outputs(*outs[s.name], tol, s.labels, s.ids) for s in sets}
+    gates = [accuracy_gate(s.name, *outs[s.name], s.labels, precision, s.name == "dataset", max_accuracy_drop)
+             for s in sets if s.labels is not None]
+    return _Comparison(overall, per_set, None, overall.failures(tol), gates, all_a, all_r)
+
+
+def _compare_backbone(outs: dict, sets: list[InputSet], names: list[str], tol: Tolerance) -> _Comparison:
+    """Every feature map judged on its own by the rule (maps differ in scale: pooled, a large one would hide
+    a small one's error); the worst map stands for the whole. No top-1, no accuracy: maps have no classes."""
+    all_ids = _all_ids(sets)
+    per_output, per_set, failures = {}, {}, []
+    for k, name in enumerate(names):
+        a = np.concatenate([a[k] for a, _ in outs.values()])
+        r = np.concatenate([r[k] for _, r in outs.values()])
+        per_output[name] = compare_outputs(a, r, tol, ids=all_ids)
+        failures += [f"{name}: {f}" for f in per_output[name].failures(tol)]
+        for s in sets:
+            per_set[f"{s.name} {name}"] = compare_outputs(outs[s.name][0][k], outs[s.name][1][k], tol, ids=s.ids)
+    overall = max(per_output.values(), key=lambda m: (not m.passed, m.worst_abs / m.bound if m.bound else 0))
+    count = sum(len(s.x) for s in sets)
+    all_a, all_r = (np.concatenate([np.concatenate([o[k] for o in side]).reshape(count, -1)
+                                    for k in range(len(names))], axis=1)
+                    for side in ([a for a, _ in outs.values()], [r for _, r in outs.values()]))
+    return _Comparison(overall, per_set, per_output, failures, [], all_a, all_r)
+
+
+def _failure_lines(result: _Comparison) -> list[str]:
+    """The broken parts of the pass rule, then each failed accuracy gate, with the numbers: the report's
+    first line is the CLI's error message."""
+    return result.failures + [
+        f"accuracy on {g.set}: {g.artifact_errors} of {g.count} misclassified vs {g.reference_errors} by the "
+        f"reference ({g.extra:+d}; {g.rule})" for g in result.gates if not g.passed]
+
+
+def _build_report(artifact: Path, manifest: dict, ref: Reference, runner, reference, tol: Tolerance,
+                  sets: list[InputSet], result: _Comparison, warnings: list[str]) -> ParityReport:
+    """Everything needed to judge the result later without rerunning it: what ran where, against which
+    weights, under which tolerance, on which inputs, and the tool versions."""
+    from .manifest import now_iso, tool_versions
+
+    return ParityReport(
+        artifact=str(artifact), manifest=manifest_summary(manifest), runtime=runner.describe(),
+        reference={"source": ref.source, "path": ref.path, "sha256": ref.sha256, **reference.describe()},
+        tolerance=asdict(tol), inputs=[{"name": s.name, "count": len(s.x)} for s in sets],
+        sets=result.sets, overall=result.overall, outputs=result.outputs, passed=result.passed,
+        failures=_failure_lines(result), accuracy=result.gates,
+        warnings=warnings, versions=tool_versions(), created=now_iso())
 
 
 def _localize(report: ParityReport, runner, reference, sets: list[InputSet], all_a: np.ndarray,

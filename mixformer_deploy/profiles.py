@@ -5,10 +5,19 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .errors import InputFileError
+import inspect
+
+from .errors import InputFileError, UsageError
 from .shipped import PROFILE_DIR
-KEYS = {"target", "precision", "batch", "img_size", "check", "keep_fp32", "default_keeps", "calibration",
-        "calibration_size", "head", "out_indices", "out_norm"}
+
+NOT_IN_PROFILES = {"weights", "output", "source", "target_options", "inputs", "accuracy_set"}
+
+
+def generic_keys() -> set[str]:
+    """What a profile may set besides a backend's options: export()'s own parameters (one list, there)."""
+    from .export_api import export
+
+    return set(inspect.signature(export).parameters) - NOT_IN_PROFILES
 
 
 def load_profile(name_or_path: str) -> dict:
@@ -23,14 +32,14 @@ def load_profile(name_or_path: str) -> dict:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise InputFileError(f"{path.name}: not a valid TOML profile ({e})") from e
-    from .targets import option_owners
+    from .backends import option_owners
 
     section = data.get("export", data)
-    target_keys = set(option_owners())
-    unknown = set(section) - KEYS - target_keys - {"description"}
+    keys, target_keys = generic_keys(), set(option_owners())
+    unknown = set(section) - keys - target_keys - {"description"}
     if unknown:
-        known = ", ".join(sorted(KEYS | target_keys))
-        raise InputFileError(f"{path.name}: unknown profile key(s) {', '.join(sorted(unknown))} (known: {known})")
-    out = {k: v for k, v in section.items() if k in KEYS}
+        known = ", ".join(sorted(keys | target_keys))
+        raise UsageError(f"{path.name}: unknown profile key(s) {', '.join(sorted(unknown))} (known: {known})")
+    out = {k: v for k, v in section.items() if k in keys}
     out["target_options"] = {k: v for k, v in section.items() if k in target_keys}
     return out

@@ -11,8 +11,9 @@ import pytest
 
 from conftest import DATA
 
-from mixformer_deploy.adb import (DeviceToolError, bench_on_device, parse_benchmark_model,
-                                  parse_executor_runner)
+from mixformer_deploy.adb import DeviceToolError, bench_on_device
+from mixformer_deploy.backends.executorch.phone import parse_phone_output as parse_executor_runner
+from mixformer_deploy.backends.litert.phone import parse_phone_output as parse_benchmark_model
 from mixformer_deploy.errors import InputFileError, MissingBackendError, UsageError
 from mixformer_deploy.reports.bench_json import validate
 
@@ -56,6 +57,22 @@ def test_release_executor_runner_prints_nothing_to_parse_and_says_why():
     with pytest.raises(DeviceToolError, match="EXECUTORCH_ENABLE_LOGGING=ON") as e:
         parse_executor_runner(text)
     assert e.value.exit_code == 5
+
+
+def test_phone_backends_declare_their_tool_and_module():
+    """adb.py names no backend: each phone backend declares its binary and offers the same functions."""
+    from mixformer_deploy.adb import phone_backend
+    from mixformer_deploy.backends import all_specs
+
+    phones = {s.key: s for s in all_specs() if "phone_bench" in s.capabilities}
+    assert {k: s.phone_bench for k, s in phones.items()} == {"executorch": "executor_runner",
+                                                             "litert": "benchmark_model"}
+    for spec in phones.values():
+        module = phone_backend(spec)
+        assert all(callable(getattr(module, f)) for f in ("phone_command", "parse_phone_output", "phone_bench"))
+        assert module.RUNTIME_DIST in spec.versions  # the manifest records its version
+        command = module.phone_command("/t/tool", "/t/m odel", threads=3, runs=7, warmup=2)
+        assert command.startswith("/t/tool ") and "'/t/m odel'" in command and "=3" in command
 
 
 def test_benchmark_model_without_a_summary_is_a_tool_error():

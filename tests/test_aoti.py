@@ -25,9 +25,9 @@ pytestmark = pytest.mark.aoti
 from mixformer_deploy import create_model  # noqa: E402
 from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
 from mixformer_deploy.errors import ArtifactError, ExportError, MissingBackendError, UsageError  # noqa: E402
-from mixformer_deploy.runtimes import open_runner  # noqa: E402
-from mixformer_deploy.targets import ExportOptions, get_target  # noqa: E402
-from mixformer_deploy.targets.aoti import MANIFEST_FILE, can_compile  # noqa: E402
+from mixformer_deploy.backends import get_spec, open_runner  # noqa: E402
+from mixformer_deploy.backends.aoti.spec import MANIFEST_FILE, can_compile  # noqa: E402
+from mixformer_deploy.backends.exporter import ExportContext, ExportOptions  # noqa: E402
 
 NO_COMPILER = can_compile()
 needs_compiler = pytest.mark.skipif(NO_COMPILER is not None, reason=f"cannot compile here: {NO_COMPILER}")
@@ -83,7 +83,7 @@ def test_export_writes_a_checked_pt2_with_its_manifest_inside(package, tmp_path)
     assert package.manifest["parity"]["max_abs"] <= 1e-4
     side = json.loads(sidecar_path(path).read_text())
     assert side["compile"]["inductor_configs"]["freezing"] is True and side["compile"]["compile_s"] > 0
-    embedded = get_target("aoti").read_embedded(path)
+    embedded = get_spec("aoti").read_embedded(path)
     assert embedded["target"] == "aoti" and embedded["runtime"] == "aoti"
     assert embedded["compile"]["torch"] == torch.__version__ and embedded["versions"]["torch"] == torch.__version__
     assert embedded["compile"]["batch"] == {"dynamic": True, "min": 1, "max": 64}
@@ -120,7 +120,7 @@ def test_runs_at_fp32_parity_with_a_dynamic_batch(package, weights, images):
 
 
 def test_inspect_reads_the_package_without_loading_it(package):
-    info = get_target("aoti").inspect(package.path)
+    info = get_spec("aoti").inspect(package.path)
     assert info["device"] == "cpu" and info["machine"]
     assert info["inputs"][0]["shape"] == ["batch", 3, SIZE, SIZE]
     assert info["outputs"][0]["shape"] == ["batch", 10]
@@ -179,7 +179,7 @@ def test_options_that_cannot_work_here_fail_before_reading_weights(tmp_path, mon
     if not torch.cuda.is_available():
         with pytest.raises(MissingBackendError, match="no CUDA GPU"):
             export(missing, target="aoti", target_options={"device": "cuda"})
-    import mixformer_deploy.targets.aoti as aoti
+    import mixformer_deploy.backends.aoti.spec as aoti
     monkeypatch.setattr(aoti, "cpu_has_bf16", lambda: False)
     with pytest.raises(MissingBackendError, match="bf16"):
         export(missing, target="aoti", precision="bf16")
@@ -200,12 +200,15 @@ def test_compile_failure_is_exit_5_with_the_first_error_and_the_log_kept(tmp_pat
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     from torch._inductor import config
+    final = tmp_path / "mixformer-custom-32x32-b1-fp32.pt2"
     out = tmp_path / ".mixformer-custom-32x32-b1-fp32.pt2.123.partial.pt2"
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    spec = get_spec("aoti")
+    options = ExportOptions(8, 8, 1, "fp32", target=spec.parse_options({"device": "cpu", "max_batch": 64}))
     with config.patch({"cpp.cxx": (None, str(fake))}), \
             pytest.raises(ExportError, match="simulated failure for the test") as e:
-        get_target("aoti").export(model, ExportOptions(8, 8, 1, "fp32", target_options={"device": "cpu", "max_batch": 64}),
-                                  out, {"variant": "custom", "versions": {}})
+        spec.exporter().export(model, ExportContext(final=final, tmp=out, options=options,
+                                                    manifest={"variant": "custom", "versions": {}}))
     assert e.value.exit_code == 5
     log = tmp_path / "mixformer-custom-32x32-b1-fp32.pt2.compile.log"
     assert log.is_file() and str(log) in str(e.value) and "simulated failure" in log.read_text()
@@ -225,10 +228,10 @@ def test_fixed_batch_bf16_and_reproducible_bytes(weights, images, tmp_path, monk
     assert hashlib.sha256(a.path.read_bytes()).digest() == hashlib.sha256(b.path.read_bytes()).digest()
     with pytest.raises(UsageError, match="batch 3"):
         open_runner(a.path).run(images[:1])
-    if get_target("aoti").tolerance("bf16") and __import__("mixformer_deploy.targets.aoti", fromlist=["x"]).cpu_has_bf16():
+    if get_spec("aoti").tolerance("bf16") and __import__("mixformer_deploy.backends.aoti.spec", fromlist=["x"]).cpu_has_bf16():
         c = export(weights, target="aoti", img_size=SIZE, batch=1, precision="bf16", output=tmp_path / "c")
         assert c.passed and c.manifest["precision_keeps"]["modules"]
-        assert get_target("aoti").inspect(c.path)["kept_fp32"]
+        assert get_spec("aoti").inspect(c.path)["kept_fp32"]
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def test_compiled_targets_pass_parity_per_output(target, tmp_path):
 
 def test_coreml_backbone_program_computes_the_feature_maps(tiny, tmp_path):
     pytest.importorskip("coremltools")
-    from mixformer_deploy.runtimes.coreml_runner import mil_reference
+    from coreml_mil import mil_reference
 
     r = export(WEIGHTS, target="coreml", img_size="64x96", head="none", output=tmp_path)
     assert r.manifest["parity"]["status"] == "not run"

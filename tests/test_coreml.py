@@ -4,7 +4,8 @@ coremltools converts and reads ML programs on Linux, but only macOS has the Core
 them: prediction tests skip elsewhere with "Core ML prediction needs macOS". What Linux can check is
 checked: conversion (without the rank-reducing pass), the program's ops, ranks and precisions, the
 kept-float32 ops, metadata, reproducible bytes, bad packages, and the program's function, evaluated op by
-op in numpy from the package (``mil_reference``: not Core ML's kernels, a check of the conversion).
+op in numpy from the package (``coreml_mil.mil_reference``: not Core ML's kernels, a check of the
+conversion).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from mixformer_deploy.deploy import to_deploy  # noqa: E402
 from mixformer_deploy.deploy.precision import resolve_keeps  # noqa: E402
 from mixformer_deploy.errors import ArtifactError, MissingBackendError, UsageError  # noqa: E402
 from mixformer_deploy.model import create_model  # noqa: E402
-from mixformer_deploy.runtimes.coreml_runner import NEEDS_MACOS, CoreMlRunner, mil_reference  # noqa: E402
-from mixformer_deploy.targets import ExportOptions, get_target  # noqa: E402
-from mixformer_deploy.targets.coreml import RANK_PASS, pass_pipeline  # noqa: E402
+from mixformer_deploy.backends.coreml.runner import NEEDS_MACOS, CoreMlRunner  # noqa: E402
+from mixformer_deploy.backends import get_spec  # noqa: E402
+from mixformer_deploy.backends.exporter import ExportContext, ExportOptions  # noqa: E402
+from mixformer_deploy.backends.coreml.export import RANK_PASS, pass_pipeline  # noqa: E402
+from coreml_mil import MilReference, mil_reference  # noqa: E402
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
 SIZE = 32
@@ -46,11 +49,10 @@ def _manifest(precision: str) -> dict:
 
 
 def _export(deploy, out: Path, precision="fp32", keeps=(), **target_options) -> tuple[Path, dict]:
-    target = get_target("coreml")
-    opts = {o.name: o.parse(target_options.get(o.name)) for o in target.options}
-    options = ExportOptions(SIZE, SIZE, 1, precision, list(keeps), None, opts)
+    spec = get_spec("coreml")
+    options = ExportOptions(SIZE, SIZE, 1, precision, list(keeps), None, target=spec.parse_options(target_options))
     manifest = _manifest(precision)
-    target.export(deploy, options, out, manifest)
+    spec.exporter().export(deploy, ExportContext(final=out, tmp=out, options=options, manifest=manifest))
     return out, manifest
 
 
@@ -73,7 +75,7 @@ def artifacts(deploy, tmp_path_factory):
 
 
 def _inspect(path):
-    return get_target("coreml").inspect(path)
+    return get_spec("coreml").inspect(path)
 
 
 def _count(deploy, kind) -> int:
@@ -135,7 +137,7 @@ def test_extra_keep_and_app_facing_forms(artifacts):
     assert pre["scale"] == pytest.approx(1 / 255) and pre["bias"] == [-0.5, -0.4, -0.3]
     assert pre["in_graph_multiply"] == pytest.approx([4.0, 5.0, 2.0])
     assert manifest["coreml"]["classifier"]["labels"] == LABELS
-    from mixformer_deploy.targets.coreml import read_spec
+    from mixformer_deploy.backends.coreml.spec import read_spec
     spec = read_spec(path)
     assert spec.description.input[0].name == "image"
     assert spec.description.predictedFeatureName == "classLabel"
@@ -147,7 +149,7 @@ def test_metadata_and_embedded_manifest(artifacts):
     meta = info["metadata"]
     assert meta["author"] == "mixformer-deploy" and meta["license"] == "Apache-2.0" and meta["version"] == "0.0-test"
     assert "MixFormer custom" in meta["short_description"] and "fp32" in meta["short_description"]
-    embedded = get_target("coreml").read_embedded(path)
+    embedded = get_spec("coreml").read_embedded(path)
     assert embedded == json.loads(json.dumps(manifest))
     assert embedded["coreml"]["passes_removed"] == [RANK_PASS]
     assert not (path / "executorch_debug_handle_mapping.json").exists()
@@ -191,11 +193,13 @@ def test_app_facing_forms_skip_the_gate_and_say_why(tmp_path):
     parity for app-facing forms (and refuses --check) instead of failing after the conversion."""
     from mixformer_deploy.export_api import export
 
-    target = get_target("coreml")
-    plain = ExportOptions(SIZE, SIZE, 1, "fp16", (), None, {"image_input": False, "classifier": False})
-    assert target.unjudged_form(plain) is None
-    app = ExportOptions(SIZE, SIZE, 1, "fp16", (), None, {"image_input": True, "classifier": True})
-    assert "--image-input --classifier" in target.unjudged_form(app)
+    spec = get_spec("coreml")
+    plain = ExportOptions(SIZE, SIZE, 1, "fp16", [], None,
+                          target=spec.parse_options({"image_input": False, "classifier": False}))
+    assert spec.unjudged_form(plain) is None
+    app = ExportOptions(SIZE, SIZE, 1, "fp16", [], None,
+                        target=spec.parse_options({"image_input": True, "classifier": True}))
+    assert "--image-input --classifier" in spec.unjudged_form(app)
     with pytest.raises(UsageError, match="plain form"):
         export(target="coreml", precision="fp16", output=tmp_path, check=True, target_options={"classifier": True})
     assert not list(tmp_path.iterdir())
@@ -275,7 +279,7 @@ def test_corrupt_spec_or_manifest_is_a_bad_artifact(broken, tmp_path):
     (p / "Data/com.apple.CoreML/model.mlmodel").write_bytes(b"\x0a\xff\xff\xff this is not a protobuf")
     _loads_and_inspects_fail(p, "corrupt model spec")
     with pytest.raises(ArtifactError, match="corrupt model spec"):
-        get_target("coreml").read_embedded(p)
+        get_spec("coreml").read_embedded(p)
     p = broken("nomanifest")
     (p / "Manifest.json").unlink()
     _loads_and_inspects_fail(p, "no Manifest.json")
@@ -291,25 +295,23 @@ def test_corrupt_spec_or_manifest_is_a_bad_artifact(broken, tmp_path):
     ("android12", "choose one of"),
 ])
 def test_bad_deployment_targets_are_usage_errors(value, match):
-    target = get_target("coreml")
-    opts = {o.name: o.parse(None) for o in target.options} | {"minimum_deployment_target": value}
+    spec = get_spec("coreml")
+    opts = spec.parse_options({"minimum_deployment_target": value})
     with pytest.raises(UsageError, match=match):
-        target.check(ExportOptions(SIZE, SIZE, 1, "fp32", target_options=opts))
+        spec.check(ExportOptions(SIZE, SIZE, 1, "fp32", target=opts))
 
 
 def test_precision_it_does_not_make_is_a_usage_error():
-    target = get_target("coreml")
-    opts = {o.name: o.parse(None) for o in target.options}
+    spec = get_spec("coreml")
     with pytest.raises(UsageError, match="fp32 or fp16"):
-        target.check(ExportOptions(SIZE, SIZE, 1, "int8", target_options=opts))
+        spec.check(ExportOptions(SIZE, SIZE, 1, "int8", target=spec.parse_options({})))
 
 
 def test_missing_coremltools_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
-    target = get_target("coreml")
-    opts = {o.name: o.parse(None) for o in target.options}
+    spec = get_spec("coreml")
     with pytest.raises(MissingBackendError, match=r"mixformer-deploy\[coreml\]"):
-        target.check(ExportOptions(SIZE, SIZE, 1, "fp32", target_options=opts))
+        spec.check(ExportOptions(SIZE, SIZE, 1, "fp32", target=spec.parse_options({})))
 
 
 # ---------------------------------------------------------------- the CLI
@@ -348,13 +350,12 @@ def shipped_fp16(tmp_path_factory):
 @pytest.mark.slow
 def test_shipped_weights_export_keeps_the_digits(shipped_fp16):
     from mixformer_deploy.data import Preprocessing, heldout_digits
-    from mixformer_deploy.runtimes.coreml_runner import MilReference
     from mixformer_deploy.source import load_source
 
     path = shipped_fp16.path
     assert path.name == "mixformer-b0-32x32-b1-fp16.mlpackage" and path.is_dir()
     assert shipped_fp16.manifest["coreml"]["minimum_deployment_target"] == "iOS16"
-    info = get_target("coreml").inspect(path)
+    info = get_spec("coreml").inspect(path)
     assert info["ops_fp32"]["layer_norm"] == info["ops"]["layer_norm"] and info["max_rank"] <= 5
     source = load_source(None)
     x, _, y = heldout_digits(32, 32, Preprocessing.from_dict(shipped_fp16.manifest["preprocessing"]))
@@ -372,13 +373,13 @@ def test_shipped_weights_export_keeps_the_digits(shipped_fp16):
                                            ("B3", (224, 224)), ("B4", (224, 224)), ("B1", (256, 192))])
 def test_full_size_conversion_without_the_rank_pass(variant, size, tmp_path):
     deploy = to_deploy(create_model(variant, seed=0), size)
-    target = get_target("coreml")
-    opts = {o.name: o.parse(None) for o in target.options}
+    spec = get_spec("coreml")
     keeps = resolve_keeps(deploy)
     out = tmp_path / "m.mlpackage"
-    target.export(deploy, ExportOptions(*size, 1, "fp16", keeps, None, opts), out,
-                  {**_manifest("fp16"), "input_size": list(size), "num_classes": 1000, "labels": None})
-    info = target.inspect(out)
+    options = ExportOptions(*size, 1, "fp16", keeps, None, target=spec.parse_options({}))
+    manifest = {**_manifest("fp16"), "input_size": list(size), "num_classes": 1000, "labels": None}
+    spec.exporter().export(deploy, ExportContext(final=out, tmp=out, options=options, manifest=manifest))
+    info = spec.inspect(out)
     assert info["max_rank"] <= 5
     assert info["ops"]["layer_norm"] == _count(deploy, torch.nn.LayerNorm) == info["ops_fp32"]["layer_norm"]
     blocks = sum(len(s) for s in deploy.stages)
@@ -417,12 +418,13 @@ def test_mac_check_exits_3_off_macos(tmp_path):
 
 @pytest.mark.slow
 def test_dynamic_batch_and_the_oldest_deployment_target(deploy, tmp_path):
-    target = get_target("coreml")
-    opts = {o.name: o.parse(None) for o in target.options} | {"minimum_deployment_target": "iOS15"}
+    spec = get_spec("coreml")
     out = tmp_path / "dyn.mlpackage"
-    target.export(deploy, ExportOptions(SIZE, SIZE, None, "fp16", resolve_keeps(deploy), None, opts), out,
-                  {**_manifest("fp16"), "batch": "dynamic"})
-    info = target.inspect(out)
+    options = ExportOptions(SIZE, SIZE, None, "fp16", resolve_keeps(deploy), None,
+                            target=spec.parse_options({"minimum_deployment_target": "iOS15"}))
+    manifest = {**_manifest("fp16"), "batch": "dynamic"}
+    spec.exporter().export(deploy, ExportContext(final=out, tmp=out, options=options, manifest=manifest))
+    info = spec.inspect(out)
     assert info["specification_version"] == 6 and info["inputs"][0]["shape_range"][0] == [1, 1024]
     x = np.random.default_rng(3).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
     with torch.no_grad():

@@ -18,13 +18,13 @@ from conftest import DATA, rel_l2
 
 from mixformer_deploy.deploy import to_deploy  # noqa: E402
 from mixformer_deploy.deploy.precision import resolve_keeps  # noqa: E402
-from mixformer_deploy.deploy.xnnpack import XnnLayerNorm, to_xnnpack  # noqa: E402
+from mixformer_deploy.backends.xnnpack import XnnLayerNorm, to_xnnpack  # noqa: E402
 from mixformer_deploy.errors import ArtifactError, RewriteError, UsageError  # noqa: E402
 from mixformer_deploy.model import create_model  # noqa: E402
 from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
 from mixformer_deploy.export_api import export  # noqa: E402
-from mixformer_deploy.runtimes import open_runner  # noqa: E402
-from mixformer_deploy.targets import get_target  # noqa: E402
+from mixformer_deploy.backends import open_runner  # noqa: E402
+from mixformer_deploy.backends import get_spec  # noqa: E402
 
 pytestmark = pytest.mark.executorch
 
@@ -122,7 +122,7 @@ def test_every_compute_op_is_delegated_to_xnnpack(fp32):
     assert d["non_delegated"] == {} and d["compute_off_delegate"] == {}
     assert d["delegated"]["linear"] > 0 and d["delegated"]["convolution"] > 0 and d["delegated"]["bmm"] > 0
     assert not {"native_layer_norm", "addmm", "expand_copy", "split_with_sizes_copy"} & set(d["delegated"])
-    info = get_target("executorch").inspect(fp32.path)
+    info = get_spec("executorch").inspect(fp32.path)
     assert info["instructions"] == {"delegate:XnnpackBackend": 1}
     assert info["inputs"] == [{"shape": [1, 3, 64, 64], "dtype": "fp32"}]
     assert info["outputs"] == [{"shape": [1, 10], "dtype": "fp32"}]
@@ -159,7 +159,7 @@ def test_not_a_program_is_an_artifact_error(tmp_path, content):
     with pytest.raises(ArtifactError):
         open_runner(bad, runtime="executorch")
     with pytest.raises(ArtifactError):
-        get_target("executorch").inspect(bad)
+        get_spec("executorch").inspect(bad)
 
 
 def test_truncated_program_is_an_artifact_error(fp32, tmp_path):

@@ -85,7 +85,7 @@ def test_gpu_check_bench_document_is_what_report_reads():
 
 def test_torch_runtime_options_and_no_gpu_time_on_the_cpu():
     from mixformer_deploy import create_model
-    from mixformer_deploy.runtimes.torch_runner import TorchRunner
+    from mixformer_deploy.backends.torch.runner import TorchRunner
 
     model = create_model("B0", num_classes=10, seed=0)
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
@@ -120,7 +120,7 @@ def test_gpu_check_cpu_rehearsal_writes_what_report_reads(tmp_path):
 def test_deploy_form_on_cuda_matches_cpu_reference(official_tiny, photo_batches, precision, tol, graphs):
     """Both ways the torch runtime runs on CUDA (graphs: the deploy form; eager: the naive path), each
     with its GPU time from CUDA events, which bench records as gpu_ms."""
-    from mixformer_deploy.runtimes.torch_runner import TorchRunner
+    from mixformer_deploy.backends.torch.runner import TorchRunner
 
     x = photo_batches[(256, 192)].numpy()
     want = TorchRunner(official_tiny).run(x)

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.litert
 from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
 from mixformer_deploy.errors import ArtifactError, UsageError  # noqa: E402
 from mixformer_deploy.export_api import export  # noqa: E402
-from mixformer_deploy.runtimes import open_runner  # noqa: E402
-from mixformer_deploy.targets import get_target  # noqa: E402
+from mixformer_deploy.backends import open_runner  # noqa: E402
+from mixformer_deploy.backends import get_spec  # noqa: E402
 
 WEIGHTS = DATA / "tiny.pdparams"
 SIZE = "64x64"
@@ -67,7 +67,7 @@ def test_fp32_matches_pytorch_with_and_without_xnnpack(artifacts, photos64):
 
 def test_fp16_has_half_weights_float_edges_and_stays_close(artifacts, photos64):
     x, want = photos64
-    info = get_target("litert").inspect(artifacts["fp16"].path)
+    info = get_spec("litert").inspect(artifacts["fp16"].path)
     assert info["tensor_types"].get("float16", 0) > 0 and info["ops"]["DEQUANTIZE"] > 0
     assert info["inputs"][0]["dtype"] == "float32" and info["outputs"][0]["dtype"] == "float32"
     assert artifacts["fp16"].path.stat().st_size < 0.7 * artifacts["fp32"].path.stat().st_size
@@ -75,7 +75,7 @@ def test_fp16_has_half_weights_float_edges_and_stays_close(artifacts, photos64):
 
 
 def test_inspect_reads_the_flatbuffer(artifacts):
-    info = get_target("litert").inspect(artifacts["fp32"].path)
+    info = get_spec("litert").inspect(artifacts["fp32"].path)
     assert info["inputs"][0]["shape"] == [1, 3, 64, 64] and info["outputs"][0]["shape"] == [1, 10]
     assert info["ops"]["FULLY_CONNECTED"] > 0 and info["ops"]["BATCH_MATMUL"] > 0
     assert "SQUARED_DIFFERENCE" not in info["ops"]  # the XNNPACK form's LayerNorm
@@ -97,7 +97,7 @@ def test_not_a_model_is_an_artifact_error(tmp_path, content):
     with pytest.raises(ArtifactError):
         open_runner(bad, runtime="litert")
     with pytest.raises(ArtifactError):
-        get_target("litert").inspect(bad)
+        get_spec("litert").inspect(bad)
 
 
 def test_truncated_model_is_an_artifact_error(artifacts, tmp_path):
@@ -134,6 +134,6 @@ def test_official_fixture_at_224_within_1e4(tmp_path):
 def test_int8_of_the_shipped_weights_passes_the_accuracy_gate(tmp_path):
     result = export(None, target="litert", precision="int8", output=tmp_path)
     assert result.passed, result.parity.failures
-    info = get_target("litert").inspect(result.path)
+    info = get_spec("litert").inspect(result.path)
     assert info["precisions"].get("int8", 0) > 0 and info["inputs"][0]["dtype"] == "float32"
     assert "head" in info["kept_fp32"]

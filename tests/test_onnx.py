@@ -17,7 +17,7 @@ pytestmark = pytest.mark.onnx
 from mixformer_deploy.errors import ArtifactError, UsageError  # noqa: E402
 from mixformer_deploy.export_api import export  # noqa: E402
 from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
-from mixformer_deploy.runtimes import open_runner  # noqa: E402
+from mixformer_deploy.backends import open_runner  # noqa: E402
 
 WEIGHTS = DATA / "tiny.pdparams"
 
@@ -192,8 +192,8 @@ def test_export_cli_contract(tmp_path):
 
 
 def test_failing_export_is_kept_aside_and_exits_1(tmp_path, monkeypatch):
-    from mixformer_deploy.targets.base import Tolerance
-    from mixformer_deploy.targets.onnx import OnnxTarget
+    from mixformer_deploy.backends.exporter import Tolerance
+    from mixformer_deploy.backends.onnx.export import OnnxTarget
 
     monkeypatch.setattr(OnnxTarget, "tolerances", {"fp32": Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)})
     result, code = _cli("export", "--weights", WEIGHTS, "--img-size", "224", "--output", tmp_path, "--json")

@@ -19,8 +19,7 @@ pytestmark = pytest.mark.openvino
 from mixformer_deploy.artifact import read_manifest, sidecar_path  # noqa: E402
 from mixformer_deploy.errors import ArtifactError, InputFileError, MissingBackendError, UsageError  # noqa: E402
 from mixformer_deploy.export_api import export  # noqa: E402
-from mixformer_deploy.runtimes import open_runner  # noqa: E402
-from mixformer_deploy.targets import get_target  # noqa: E402
+from mixformer_deploy.backends import get_spec, open_runner  # noqa: E402
 
 WEIGHTS = DATA / "tiny.pdparams"
 SIZE = "96x64"  # tiny model, a size whose stage maps need padding
@@ -80,7 +79,7 @@ def test_stage_outputs_localize(fp32, ref_logits):
 
 def test_fp32_ir_is_not_fp16_compressed(fp32):
     """openvino.save_model compresses weights to fp16 by default: an fp32 IR must hold fp32 weights."""
-    info = get_target("openvino").inspect(fp32.path)
+    info = get_spec("openvino").inspect(fp32.path)
     assert "fp16" not in info["weight_bytes"] and info["weight_bytes"]["fp32"] > 0
     assert info["max_rank"] <= 5 and info["ops"]["MatMul"] > 0
     assert [o["name"] for o in info["outputs"]] == ["logits"]
@@ -105,7 +104,7 @@ def test_same_export_gives_same_bytes(tmp_path, monkeypatch):
 
 def test_fp16_compresses_weights_only(tmp_path, ref_logits, fp32):
     path = export(WEIGHTS, target="openvino", img_size=SIZE, precision="fp16", output=tmp_path, check=False).path
-    info = get_target("openvino").inspect(path)
+    info = get_spec("openvino").inspect(path)
     assert info["weight_bytes"].get("fp16", 0) > 10 * info["weight_bytes"].get("fp32", 0)
     x, want = ref_logits
     runner = open_runner(path, threads=1)
@@ -115,7 +114,7 @@ def test_fp16_compresses_weights_only(tmp_path, ref_logits, fp32):
 
 
 def test_bf16_execution_where_the_cpu_has_it(fp32, ref_logits):
-    from mixformer_deploy.runtimes.openvino_runner import OpenVinoRunner
+    from mixformer_deploy.backends.openvino.runner import OpenVinoRunner
 
     x, want = ref_logits
     if not OpenVinoRunner.status(probe=True).get("bf16"):
@@ -126,12 +125,12 @@ def test_bf16_execution_where_the_cpu_has_it(fp32, ref_logits):
     assert runner.precision == "bf16" and runner.describe()["compiled"]["INFERENCE_PRECISION_HINT"] == "bf16"
     got = runner.run(x[:1])
     assert 1e-5 < rel_l2(got, want[:1]) < 5e-2
-    tol = get_target("openvino").tolerance("bf16")
+    tol = get_spec("openvino").tolerance("bf16")
     assert np.abs(got - want[:1]).max() <= tol.atol + tol.rtol * np.abs(want[:1]).max()
 
 
 def test_bf16_on_a_cpu_without_it_is_exit_3(fp32, monkeypatch):
-    from mixformer_deploy.runtimes import openvino_runner
+    from mixformer_deploy.backends.openvino import runner as openvino_runner
 
     monkeypatch.setattr(openvino_runner, "cpu_capabilities", lambda core: ["FP32", "INT8"])
     with pytest.raises(MissingBackendError, match="bf16"):
@@ -176,14 +175,14 @@ def test_not_an_ir_is_an_artifact_error(fp32, tmp_path, content):
     with pytest.raises(ArtifactError):
         open_runner(bad)
     with pytest.raises(ArtifactError):
-        get_target("openvino").read_embedded(bad)
+        get_spec("openvino").read_embedded(bad)
 
 
 def test_a_file_is_not_an_ir(tmp_path):
     f = tmp_path / "file.openvino"
     f.write_text("x")
     with pytest.raises(ArtifactError, match="directory"):
-        get_target("openvino").read_embedded(f)
+        get_spec("openvino").read_embedded(f)
 
 
 def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):
@@ -214,7 +213,7 @@ def test_target_options_are_checked(tmp_path):
 
 
 def test_runner_status_reports_devices_and_bf16():
-    from mixformer_deploy.runtimes.openvino_runner import OpenVinoRunner
+    from mixformer_deploy.backends.openvino.runner import OpenVinoRunner
 
     s = OpenVinoRunner.status(probe=True)
     assert s["installed"] and s["can_run"] and "cpu" in s["devices"] and isinstance(s["bf16"], bool)
@@ -238,14 +237,14 @@ def test_shipped_weights_pass_the_accuracy_gate(tmp_path, precision):
     gate = {g["set"]: g for g in result.manifest["parity"]["accuracy_gate"]}["dataset"]
     assert gate["passed"] and gate["count"] == 360
     if precision == "int8":
-        info = get_target("openvino").inspect(result.path)
+        info = get_spec("openvino").inspect(result.path)
         assert info["ops"].get("FakeQuantize", 0) > 0 and info["precisions"].get("int8", 0) > 0
 
 
 @pytest.mark.slow
 def test_shipped_weights_bf16_execution_passes_the_accuracy_gate(tmp_path):
     from mixformer_deploy.parity import check_parity
-    from mixformer_deploy.runtimes.openvino_runner import OpenVinoRunner
+    from mixformer_deploy.backends.openvino.runner import OpenVinoRunner
 
     _shipped()
     if not OpenVinoRunner.status(probe=True).get("bf16"):

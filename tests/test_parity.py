@@ -15,9 +15,10 @@ from mixformer_deploy.checkpoints import save_safetensors
 from mixformer_deploy.cli import parity_cmd  # noqa: F401  (registers parity and predict on the app)
 from mixformer_deploy.cli.app import app
 from mixformer_deploy.errors import ArtifactError, MixformerDeployError
-from mixformer_deploy.parity import check_parity, compare_outputs, run_batched
+from mixformer_deploy.data import run_batched
+from mixformer_deploy.parity import check_parity, compare_outputs
 from mixformer_deploy.reports.junit import write_junit
-from mixformer_deploy.targets.base import Tolerance
+from mixformer_deploy.backends.exporter import Tolerance
 
 TINY = dict(num_classes=10, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 LABELS = [f"class-{i}" for i in range(10)]

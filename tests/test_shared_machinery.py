@@ -211,7 +211,7 @@ def test_accuracy_set_folder_is_matched_to_the_labels(shipped_fp16, tmp_path):
 # ---------------------------------------------------------------- options per target
 
 def test_an_option_of_another_target_is_a_usage_error(tmp_path):
-    from mixformer_deploy.targets import option_owners
+    from mixformer_deploy.backends import option_owners
 
     with pytest.raises(UsageError, match="no target takes it"):
         export(WEIGHTS, target_options={"bogus": 1}, output=tmp_path, check=False)
@@ -309,7 +309,7 @@ def test_parity_bench_and_runners_never_import_exporters(tmp_path):
         from mixformer_deploy import runtimes
         from mixformer_deploy.errors import MixformerDeployError
         for k in runtimes.keys():
-            importlib.import_module('mixformer_deploy.runtimes.' + runtimes.RUNTIMES[k][0])
+            importlib.import_module('mixformer_deploy.backends.' + runtimes.RUNTIMES[k][0])
         for key, name in [('coreml', 'm.mlpackage'), ('executorch', 'm.pte'), ('litert', 'm.tflite'),
                           ('openvino', 'm.openvino')]:
             path = pathlib.Path({str(tmp_path)!r}) / name
@@ -320,7 +320,7 @@ def test_parity_bench_and_runners_never_import_exporters(tmp_path):
                 except MixformerDeployError:
                     pass  # a broken artifact, or the extra is missing: what matters is what got imported
         bad = [m for m in sys.modules if m == 'mixformer_deploy.export_api' or
-               (m.startswith('mixformer_deploy.targets.') and m != 'mixformer_deploy.targets.base')]
+               (m.startswith('mixformer_deploy.backends.') and m != 'mixformer_deploy.backends.exporter')]
         assert not bad, bad
     """
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -343,7 +343,7 @@ def test_runtimes_and_formats_have_no_import_from_targets():
                 names = [a.name for a in node.names]
             else:
                 continue
-            if any(n.startswith(("..targets", "mixformer_deploy.targets")) for n in names):
+            if any(n.startswith(("..targets", "mixformer_deploy.backends")) for n in names):
                 bad.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not bad, bad
 

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.tensorrt
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from mixformer_deploy.errors import MissingBackendError  # noqa: E402
-from mixformer_deploy.targets import get_target  # noqa: E402
-from mixformer_deploy.targets.base import Calibration, ExportOptions  # noqa: E402
-from mixformer_deploy.trt_lint import lint  # noqa: E402
+from mixformer_deploy.backends import get_spec  # noqa: E402
+from mixformer_deploy.backends.exporter import Calibration, ExportContext, ExportOptions  # noqa: E402
+from mixformer_deploy.backends.tensorrt.lint import lint  # noqa: E402
 
 SIZE = 32
 TINY = dict(num_classes=10, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), seed=3)
@@ -60,23 +60,25 @@ def tiny(tmp_path_factory):
 
 
 def _options(tiny, precision, batch=1, **target_options):
-    target = get_target("trt")
-    opts = {o.name: o.parse(target_options.get(o.name)) for o in target.options}
     calib = Calibration(tiny["x"], {"source": "seeded random", "count": len(tiny["x"])}) if precision == "int8" else None
     return ExportOptions(SIZE, SIZE, batch, precision, keeps=tiny["keeps"] if precision != "fp32" else [],
-                         calibration=calib, target_options=opts)
+                         calibration=calib, target=get_spec("trt").parse_options(target_options))
+
+
+def _export(tiny, options, final, tmp, manifest):
+    ctx = ExportContext(final=final, tmp=tmp, options=options, manifest=manifest)
+    return get_spec("tensorrt").exporter().export(tiny["deploy"], ctx)
 
 
 @pytest.fixture(scope="module")
 def exported(tiny):
-    """The three precisions written by the target, under the temporary name export() uses."""
-    target = get_target("tensorrt")
+    """The three precisions written by the exporter, under the temporary name export() uses."""
     out = {}
     for precision in ("fp32", "fp16", "int8"):
         final = tiny["dir"] / f"mixformer-custom-{SIZE}x{SIZE}-b1-{precision}.trt.onnx"
         tmp = final.with_name(f".{final.name}.4242.partial.onnx")
         manifest = {"target": "tensorrt", "precision": precision, "versions": {"mixformer-deploy": "test"}}
-        target.export(tiny["deploy"], _options(tiny, precision), tmp, manifest)
+        _export(tiny, _options(tiny, precision), final, tmp, manifest)
         tmp.rename(final)
         out[precision] = (final, manifest)
     return out
@@ -92,7 +94,7 @@ from mixformer_deploy.numerics import rel_l2 as _rel  # noqa: E402
 
 
 def test_target_row_and_names():
-    t = get_target("trt")
+    t = get_spec("trt")
     assert t.key == "tensorrt" and t.suffix == ".trt.onnx" and t.runtime == "onnxruntime"
     assert t.runtime_for(Path("m.engine")) == "tensorrt" and t.runtime_for(Path("m.trt.onnx")) == "onnxruntime"
     assert set(t.precisions) == {"fp32", "fp16", "int8"} and t.calibrated == ("int8",)
@@ -150,16 +152,15 @@ def test_int8_leaves_onnxruntime_quantization_unpatched(exported):
 
 @pytest.mark.slow
 def test_same_options_give_the_same_bytes(exported, tiny, tmp_path):
-    target = get_target("tensorrt")
     path, _ = exported["fp16"]
     again = tmp_path / f".{path.name}.4242.partial.onnx"
-    target.export(tiny["deploy"], _options(tiny, "fp16"), again,
-                  {"target": "tensorrt", "precision": "fp16", "versions": {"mixformer-deploy": "test"}})
+    _export(tiny, _options(tiny, "fp16"), path, again,
+            {"target": "tensorrt", "precision": "fp16", "versions": {"mixformer-deploy": "test"}})
     assert again.read_bytes() == path.read_bytes()
 
 
 def test_trtexec_line_follows_the_version_and_the_profile(tiny):
-    from mixformer_deploy.targets.tensorrt import trtexec_command
+    from mixformer_deploy.backends.tensorrt.export import trtexec_command
 
     opts = _options(tiny, "fp16", batch=None, workspace=2048, timing_cache="cache.bin", max_batch=64)
     line11 = trtexec_command(Path("m.trt.onnx"), opts, "11")
@@ -175,27 +176,27 @@ def test_profile_options_need_a_dynamic_batch(tiny):
     from mixformer_deploy.errors import UsageError
 
     with pytest.raises(UsageError, match="dynamic"):
-        get_target("tensorrt").check(_options(tiny, "fp32", batch=1, max_batch=8))
+        get_spec("tensorrt").check(_options(tiny, "fp32", batch=1, max_batch=8))
     with pytest.raises(UsageError, match="min <= opt <= max"):
-        get_target("tensorrt").check(_options(tiny, "fp32", batch=None, min_batch=8, max_batch=4))
+        get_spec("tensorrt").check(_options(tiny, "fp32", batch=None, min_batch=8, max_batch=4))
 
 
 @pytest.mark.skipif(NO_ENGINE is None, reason="TensorRT and a GPU are here: the engine is built instead")
-def test_after_publish_prints_the_line_and_says_what_is_missing(exported, tiny):
-    target = get_target("tensorrt")
+def test_follow_up_prints_the_line_and_says_what_is_missing(exported, tiny):
+    exporter = get_spec("tensorrt").exporter()
     path, _ = exported["fp16"]
-    after = target.after_publish(path, _options(tiny, "fp16"))
+    after = exporter.follow_up(path, _options(tiny, "fp16"))
     assert after.lines and after.lines[0].startswith("trtexec --onnx=") and str(path) in after.lines[0]
     assert isinstance(after.error, MissingBackendError) and after.path is None
     assert "\n" not in str(after.error) and "TensorRT" in str(after.error)
-    only = target.after_publish(path, _options(tiny, "fp16", onnx_only=True))
+    only = exporter.follow_up(path, _options(tiny, "fp16", onnx_only=True))
     assert only.lines == after.lines and only.error is None
 
 
 def test_engine_runner_without_tensorrt_is_exit_3(exported, tmp_path):
     if NO_ENGINE is None:
         pytest.skip("TensorRT and a GPU are here")
-    from mixformer_deploy.runtimes.tensorrt_runner import TensorRtRunner
+    from mixformer_deploy.backends.tensorrt.runner import TensorRtRunner
 
     fake = tmp_path / "m.engine"
     fake.write_bytes(b"not an engine")
@@ -207,7 +208,7 @@ def test_engine_for_another_gpu_or_version_is_refused():
     from types import SimpleNamespace
 
     from mixformer_deploy.errors import ArtifactError
-    from mixformer_deploy.runtimes.tensorrt_runner import check_engine_fits
+    from mixformer_deploy.backends.tensorrt.runner import check_engine_fits
 
     h100 = SimpleNamespace(name="NVIDIA H100", major=9, minor=0)
     info = {"version": "11.4.0", "gpu": "NVIDIA A100", "compute_capability": "8.0", "builder": {}}
@@ -220,8 +221,8 @@ def test_engine_for_another_gpu_or_version_is_refused():
 
 @pytest.mark.skipif(NO_ENGINE is not None, reason=str(NO_ENGINE))
 def test_engine_builds_and_matches_the_onnx(exported, tiny):  # pragma: no cover - GPU machines only
-    from mixformer_deploy.runtimes.tensorrt_runner import TensorRtRunner
-    from mixformer_deploy.targets.tensorrt import build_engine
+    from mixformer_deploy.backends.tensorrt.runner import TensorRtRunner
+    from mixformer_deploy.backends.tensorrt.export import build_engine
 
     path, _ = exported["fp32"]
     (path.parent / (path.name + ".json")).write_text(json.dumps(
@@ -236,8 +237,8 @@ def test_engine_builds_and_matches_the_onnx(exported, tiny):  # pragma: no cover
 
 def test_engine_runner_hands_bench_its_gpu_times():
     """bench reads take_gpu_times() after each round (describe() only once, at load, before any run)."""
-    from mixformer_deploy.runtimes.tensorrt_runner import TensorRtRunner
-    from mixformer_deploy.runtimes.torch_runner import CudaEventTimes
+    from mixformer_deploy.backends.tensorrt.runner import TensorRtRunner
+    from mixformer_deploy.backends.torch.runner import CudaEventTimes
 
     runner = object.__new__(TensorRtRunner)   # no engine here: only the bookkeeping bench relies on
     runner._gpu = CudaEventTimes()
@@ -310,7 +311,7 @@ def test_lint_knows_the_version_differences(exported):
 
 
 def test_support_data_names_its_source():
-    from mixformer_deploy.trt_lint import support_data
+    from mixformer_deploy.backends.tensorrt.lint import support_data
 
     data = support_data()
     assert "onnx-tensorrt" in data["source"]["operators"] and "10.15" in data["source"]["operators"]
@@ -338,11 +339,11 @@ def test_trt_lint_cli_exit_codes(exported, tmp_path):
 
 # ---------------------------------------------------------------- the export command, end to end
 
-def _export_cli_hooks_after_publish() -> bool:
+def _export_cli_hooks_follow_up() -> bool:
     import inspect
 
     import mixformer_deploy.cli.export_cmd as cmd
-    return "after_publish" in inspect.getsource(cmd) or "after_publish" in inspect.getsource(
+    return "follow_up" in inspect.getsource(cmd) or "follow_up" in inspect.getsource(
         __import__("mixformer_deploy.export_api", fromlist=["export"]))
 
 
@@ -356,8 +357,8 @@ def tiny_weights(tmp_path_factory):
 
 @pytest.mark.skipif(NO_ENGINE is None, reason="TensorRT and a GPU are here: the export builds the engine")
 def test_export_cli_exit_3_and_onnx_only_exit_0(tiny_weights, tmp_path):
-    if not _export_cli_hooks_after_publish():
-        pytest.skip("the export CLI does not call Target.after_publish yet (lead's integration)")
+    if not _export_cli_hooks_follow_up():
+        pytest.skip("the export CLI does not call Exporter.follow_up yet (lead's integration)")
     from typer.testing import CliRunner
 
     from mixformer_deploy.cli.app import _load_commands, app
@@ -392,8 +393,8 @@ def _calibration_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(NO_ENGINE is None, reason="TensorRT and a GPU are here: the export builds the engine")
 def test_export_cli_writes_the_onnx_prints_trtexec_and_exits_3(tiny_weights, tmp_path):
-    if not _export_cli_hooks_after_publish():
-        pytest.skip("the export CLI does not call Target.after_publish yet (lead's integration)")
+    if not _export_cli_hooks_follow_up():
+        pytest.skip("the export CLI does not call Exporter.follow_up yet (lead's integration)")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mixformer_deploy", "export", "--target", "trt", "--weights", str(tiny_weights),
             "--img-size", str(SIZE), "--precision", "fp16", "--output", str(out), "--variant", "auto"]

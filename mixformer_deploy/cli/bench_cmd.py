@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import GateError, InputFileError, UsageError
-from ..runtimes import keys as runtime_keys
-from ..runtimes import parse_runtime_options
+from ..backends import runtime_keys
+from ..backends.runner import parse_runtime_options
 from .app import app, show_progress, quiet_logger, console as make_console
 
 PANEL = "Measure"
@@ -142,7 +142,7 @@ def bench(
     threshold = parse_threshold(max_regression)
     base = read_results(baseline) if baseline is not None else None
     if plot:  # fail before the run, not after it
-        from ..backends import require
+        from ..optional import require
         require("matplotlib", "plot")
     policy = Policy(warmup_s=warmup_s, duration_s=duration_s, min_iters=min_iters)
     with progress_bar() as tick, quiet_logger("mixformer_deploy.checkpoints"):

@@ -1,7 +1,7 @@
 """`export`: weights -> deploy form -> artifact, then the parity gate.
 
-The generic options are declared here; every target's own options (Target.options) are added to the
-command from the targets table, their help prefixed with the targets that take them.
+The generic options are declared here; every backend's own options (its spec's Options dataclass) are added to
+the command from the registry, their help prefixed with the targets that take them.
 """
 
 import inspect
@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ParityError, UsageError
-from ..targets import keys as target_keys
-from ..targets import get_target, option_owners
+from ..backends import get_spec, option_owners
+from ..backends import keys as target_keys
 from .app import app, quiet, show_progress, console as make_console
 
 GENERIC = "Export"
@@ -74,28 +74,39 @@ def export_cmd(
     if bench:
         raise UsageError("--bench goes with --target all; to time one artifact: "
                          "mixformer-deploy bench ARTIFACT --with-reference")
-    prof = load_profile(profile) if profile else {}
-    pick = lambda value, key, default: value if value is not None else prof.get(key, default)  # noqa: E731
-    given_target_opts = {k: pick(v, k, None) for k, v in target_opts.items()}
-    given_target_opts.update({k: v for k, v in prof.get("target_options", {}).items() if given_target_opts.get(k) is None})
-    kwargs = dict(
-        weights=weights, target=pick(target, "target", "onnx"), variant=variant,
-        img_size=pick(img_size, "img_size", None), batch=pick(batch, "batch", 1),
-        precision=pick(precision, "precision", "fp32"), output=output, check=pick(check, "check", None),
-        num_classes=num_classes, keep_fp32=tuple(keep_fp32 or prof.get("keep_fp32", ())),
-        default_keeps=pick(default_keeps, "default_keeps", True), calibration=pick(calibration, "calibration", None),
-        calibration_size=pick(calibration_size, "calibration_size", 300), target_options=given_target_opts,
-        accuracy_set=accuracy_set, max_accuracy_drop=max_accuracy_drop, head=pick(head, "head", "classifier"),
-        out_indices=pick(out_indices, "out_indices", None), out_norm=bool(pick(out_norm, "out_norm", False)))
+    kwargs = _with_profile(load_profile(profile) if profile else {}, target_opts, weights=weights, target=target,
+                           variant=variant, img_size=img_size, batch=batch, precision=precision, output=output,
+                           check=check, num_classes=num_classes, keep_fp32=keep_fp32, default_keeps=default_keeps,
+                           calibration=calibration, calibration_size=calibration_size, accuracy_set=accuracy_set,
+                           max_accuracy_drop=max_accuracy_drop, head=head, out_indices=out_indices, out_norm=out_norm)
     if show_progress() and not quiet():
         from rich.console import Console
         with Console(stderr=True).status("exporting and checking..."):
             result = export(**kwargs)
     else:
         result = export(**kwargs)
-    if result.parity is not None and not as_json and not quiet():
-        from rich.console import Console
+    _print_result(result, as_json)
 
+
+def _with_profile(prof: dict, target_opts: dict, **given) -> dict:
+    """export()'s arguments: what was given, else the profile's value, else export()'s default."""
+    pick = lambda key, default: given[key] if given[key] is not None else prof.get(key, default)  # noqa: E731
+    opts = {k: v if v is not None else prof.get("target_options", {}).get(k) for k, v in target_opts.items()}
+    opts.update({k: v for k, v in prof.get("target_options", {}).items() if opts.get(k) is None})
+    return dict(
+        weights=given["weights"], target=pick("target", "onnx"), variant=given["variant"],
+        img_size=pick("img_size", None), batch=pick("batch", 1), precision=pick("precision", "fp32"),
+        output=given["output"], check=pick("check", None), num_classes=given["num_classes"],
+        keep_fp32=tuple(given["keep_fp32"] or prof.get("keep_fp32", ())), default_keeps=pick("default_keeps", True),
+        calibration=pick("calibration", None), calibration_size=pick("calibration_size", 300), target_options=opts,
+        accuracy_set=given["accuracy_set"], max_accuracy_drop=given["max_accuracy_drop"],
+        head=pick("head", "classifier"), out_indices=pick("out_indices", None),
+        out_norm=bool(pick("out_norm", False)))
+
+
+def _print_result(result, as_json: bool) -> None:
+    """The parity report on stderr; on stdout the path (after the backend's follow-up lines) or the JSON."""
+    if result.parity is not None and not as_json and not quiet():
         from .parity_cmd import print_report
         print_report(result.parity, make_console(stderr=True))
     after = result.after
@@ -125,7 +136,8 @@ def _export_all(as_json: bool, **given) -> None:
     from rich import box
     from rich.table import Table
 
-    from ..export_all import LEGEND, SHORT_HEADERS, cells, export_all, machine_line, notes
+    from ..export_all import LEGEND, SHORT_HEADERS, export_all
+    from ..reports.export_table import cells, machine_line, notes
 
     command = _command_line(target=ALL, **{**given, "variant": None if given["variant"] == "auto" else given["variant"]},
                             json=as_json)
@@ -199,7 +211,7 @@ def _with_target_options(func):
         decl = (f"{opt.flag}/--no-{opt.flag[2:]}",) if kind is bool else (opt.flag,)
         texts: dict[str, list[str]] = {}   # one text per meaning: targets sharing a name may differ (defaults)
         for key in owners:
-            texts.setdefault(next(o.help for o in get_target(key).options if o.name == name), []).append(key)
+            texts.setdefault(next(o.help for o in get_spec(key).options if o.name == name), []).append(key)
         help_text = " ".join(f"{'/'.join(keys)}: {text}" for text, keys in texts.items())
         annotations[name] = Annotated[Optional[kind], typer.Option(*decl, help=help_text, rich_help_panel=TARGET_PANEL,
                                                                    show_default=False)]

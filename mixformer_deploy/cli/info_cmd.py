@@ -46,13 +46,6 @@ def parse_size(text: str, what: str = "--img-size") -> tuple[int, int]:
     return h, w
 
 
-def describe(cfg) -> str:
-    """custom (embed_dim 16, depths [1,1,2,1], heads [1,2,4,8], 10 classes)"""
-    lst = lambda xs: "[" + ",".join(str(x) for x in xs) + "]"  # noqa: E731
-    return (f"{cfg.name} (embed_dim {cfg.embed_dim}, depths {lst(cfg.depths)}, heads {lst(cfg.num_heads)}, "
-            f"{cfg.num_classes} classes)")
-
-
 def _decode_metadata(meta: dict) -> dict:
     out = {}
     for k, v in meta.items():
@@ -108,6 +101,7 @@ def collect_info(weights: Path | None = None, variant: Variant | None = None, im
                  num_classes: int | None = None) -> dict:
     """Everything `info` reports, as one JSON-ready dict."""
     from .. import environment
+    from ..checkpoints import describe_config
     from ..model import check_input_size, count_macs, count_params
     from ..shipped import DEFAULT_SIZE
 
@@ -135,7 +129,7 @@ def collect_info(weights: Path | None = None, variant: Variant | None = None, im
         "model": {
             "variant": cfg.name,
             "inferred": inferred,
-            "description": describe(cfg),
+            "description": describe_config(cfg),
             "config": cfg.to_dict(),
             "num_classes": cfg.num_classes,
             "parameters": params,
@@ -257,40 +251,6 @@ def info(
 
 # ---------------------------------------------------------------- convert-weights
 
-_RESERVED = ("format", "variant", "config", "num_classes")
-
-
-def convert_weights_file(src: Path, out: Path, variant: str | None = None, num_classes: int | None = None,
-                         img_size: str | None = None) -> dict:
-    """Load ``src`` safely, write a clean safetensors ``out``; returns the summary (also in its metadata)."""
-    from ..checkpoints import load_checkpoint, save_safetensors, sha256_file
-    from ..model import check_input_size, count_params
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"output {out.name!r} must end in .safetensors")
-    size = parse_size(img_size) if img_size is not None else None
-    variant = as_variant(variant)
-    name = None if variant in (None, Variant.auto) else variant.value
-    with quiet_logger("mixformer_deploy.checkpoints"):
-        ck = load_checkpoint(src, name, num_classes)
-    if size is not None:
-        check_input_size(ck.config, *size)
-    extra = {k: v for k, v in ck.metadata.items() if k not in _RESERVED}
-    extra.update({"source": ck.path.name, "source_sha256": ck.sha256, "source_format": ck.format,
-                  "converted_by": f"mixformer-deploy {__version__}"})
-    if size is not None:
-        extra["input_size"] = f"{size[0]}x{size[1]}"
-    path = save_safetensors(ck.model, out, extra=extra)
-    return {
-        "output": str(path), "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-        "variant": ck.config.name, "inferred": name is None, "description": describe(ck.config),
-        "config": ck.config.to_dict(), "num_classes": ck.config.num_classes, "parameters": count_params(ck.model),
-        "input_size": extra.get("input_size"), "source": str(ck.path), "source_sha256": ck.sha256,
-        "source_format": ck.format,
-    }
-
-
 @app.command("convert-weights", rich_help_panel="Inspect")
 def convert_weights(
     src: Annotated[Path, typer.Argument(
@@ -309,7 +269,13 @@ def convert_weights(
 ):
     """Convert a checkpoint to a clean [bold].safetensors[/] whose metadata records variant, config, classes
     and the source's sha256 and format. Prints that summary as JSON; the last line is the output path."""
-    summary = convert_weights_file(src, out, variant, num_classes, img_size)
+    from ..checkpoints import convert_weights_file
+
+    size = parse_size(img_size) if img_size is not None else None
+    variant = as_variant(variant)
+    with quiet_logger("mixformer_deploy.checkpoints"):  # the one "inferred" line is this command's, below
+        summary = convert_weights_file(src, out, None if variant in (None, Variant.auto) else variant.value,
+                                       num_classes, size)
     if summary["inferred"]:
         log.info("inferred: %s", summary["description"])  # stderr: stdout stays parseable JSON + the path
     typer.echo(json.dumps(summary, indent=2))

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ..errors import CheckpointError, ParityError, UsageError
-from ..runtimes import parse_runtime_options
-from .app import app, quiet_logger, console as make_console
+from ..backends.runner import parse_runtime_options
+from .app import app, console as make_console
 from .bench_cmd import RUNTIME_OPTION_HELP
 
 PANEL = "Verify"
@@ -151,12 +150,6 @@ def parity(
 
 # ---------------------------------------------------------------- predict
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _model_source(artifact: Path | None, weights: Path | None) -> Path:
     from ..shipped import DEFAULT_WEIGHTS
 
@@ -168,41 +161,6 @@ def _model_source(artifact: Path | None, weights: Path | None) -> Path:
             raise CheckpointError(f"weights not found: {path}" + ("" if weights else " (pass --weights or --artifact)"))
         return path
     return artifact
-
-
-def classify(source: Path, images: list[Path], runtime: str, device: str, top: int,
-             options: dict | None = None, threads: int | None = None) -> list[dict]:
-    """Top classes of each image through any runtime, preprocessed as the model's manifest says."""
-    from .. import data
-    from ..parity import artifact_manifest, fixed_batch, run_batched
-    from ..runtimes import open_runner
-
-    # the images, the runtime and its device first: a bad one is the only line, nothing printed before it
-    raw = [data.read_image(p) for p in images]
-    with quiet_logger("mixformer_deploy.checkpoints"):  # reported once, by artifact_manifest below
-        runner = open_runner(source, runtime, device, threads=threads, options=options)
-    try:
-        manifest = artifact_manifest(source)
-        if manifest.get("head") == "none":
-            raise UsageError(f"{source.name} is a backbone (feature maps, no logits): predict needs a classifier artifact")
-        height, width = (int(v) for v in manifest["input_size"])
-        prep = data.Preprocessing.from_dict(manifest.get("preprocessing"))
-        labels = manifest.get("labels")
-        if manifest.get("seed") is not None and not (manifest.get("weights") or {}).get("sha256"):
-            import logging
-            logging.getLogger(__name__).warning(
-                "this artifact holds seeded random weights (seed %s): its predictions mean nothing", manifest["seed"])
-        x = np.stack([data.preprocess(img, height, width, prep) for img in raw])
-        probs = _softmax(run_batched(runner, x, fixed_batch(manifest)))
-    finally:
-        runner.close()
-    out = []
-    for path, p in zip(images, probs):
-        order = np.argsort(-p, kind="stable")[:top]
-        out.append({"image": str(path), "top": [
-            {"class": int(c), "label": labels[c] if labels and c < len(labels) else str(c), "probability": float(p[c])}
-            for c in order]})
-    return out
 
 
 @app.command(rich_help_panel=PANEL)
@@ -219,6 +177,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Classify images with an artifact or weights: top classes with labels and probabilities."""
+    from ..predict import classify
+
     results = classify(_model_source(artifact, weights), images, runtime, device, top,
                        parse_runtime_options(runtime_option), threads)
     if as_json:

@@ -39,6 +39,12 @@ def resolve_keeps(deploy: nn.Module, patterns: tuple[str, ...] = (), defaults: b
     return sorted(n for n in keep if not any(n.startswith(k + ".") for k in keep))
 
 
+def kept_by(module: str, keeps) -> str | None:
+    """The kept module that covers ``module`` (itself or an ancestor), or None: the one answer every
+    backend's keep mechanism asks of a module (or node) name."""
+    return next((k for k in keeps if module == k or module.startswith(k + ".")), None)
+
+
 class Float32Island(nn.Module):
     """Runs a module in float32 inside a reduced-precision graph: casts tensor inputs up and the output
     back to the dtype that came in. Exporters see explicit Cast ops at the island's edges."""

@@ -53,7 +53,7 @@ def _fallback_hardware() -> dict:
 
 
 def _fallback_backends() -> dict:
-    from ..backends import version_of
+    from ..optional import version_of
     return {k: {"version": version_of(d)} for k, d in
             (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("numpy", "numpy"))}
 
@@ -72,7 +72,7 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict:
         g = gpus[min(index, len(gpus) - 1)]
         gpu = {"model": g.get("name"), "driver": g.get("driver"), "memory_bytes": g.get("memory_bytes"),
                "cuda": g.get("cuda")}
-    from ..backends import version_of
+    from ..optional import version_of
     versions = {k: (v.get("version") if isinstance(v, dict) else v) for k, v in backends.items()}
     versions.setdefault("numpy", version_of("numpy"))
     return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backends import require
+from ..optional import require
 from .markdown import machine_key, series_name, speedup
 
 

@@ -1,0 +1,1 @@
+"""The aoti backend: spec.py (light facts), export.py, runner.py."""

@@ -1,0 +1,1 @@
+"""The coreml backend: spec.py (light facts), export.py, runner.py."""

@@ -1,0 +1,1 @@
+"""The executorch backend: spec.py (light facts), export.py, runner.py."""

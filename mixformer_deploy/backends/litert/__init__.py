@@ -1,0 +1,1 @@
+"""The litert backend: spec.py (light facts), export.py, runner.py."""

@@ -1,0 +1,1 @@
+"""The onnx backend: spec.py (light facts), export.py, runner.py."""

@@ -1,0 +1,1 @@
+"""The openvino backend: spec.py (light facts), export.py, runner.py."""

@@ -1,0 +1,1 @@
+"""The tensorrt backend: spec.py (light facts), export.py, runner.py."""

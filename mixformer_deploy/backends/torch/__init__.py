@@ -1,0 +1,1 @@
+"""The torch backend: spec.py (light facts), export.py, runner.py."""
