@@ -163,7 +163,8 @@ def _open(subject: Subject):
         from .backends import open_runner
         return open_runner(subject.path, subject.runtime, subject.device, subject.threads, subject.options)
     from .parity import resolve_reference
-    from .backends.torch.runner import TorchRunner
+    from .backends import runner_class
+    TorchRunner = runner_class("torch")  # the reference runtime, through the registry
     ref = resolve_reference(Path(subject.path or subject.name), subject.manifest, subject.weights, [])
     return TorchRunner(ref.model, subject.device, subject.precision, subject.deploy, subject.threads)
 

@@ -558,7 +558,8 @@ def _open_sides(ref: Reference, artifact: Path, runtime: str, device: str, threa
     """(reference runner, artifact runner): PyTorch eager float32 of the reference function on the CPU, and
     the artifact on the runtime and device asked for. The caller closes both; a failed open closes the first."""
     from .backends import open_runner
-    from .backends.torch.runner import TorchRunner
+    from .backends import runner_class
+    TorchRunner = runner_class("torch")  # the reference runtime, through the registry
 
     reference = TorchRunner(ref.model)
     try:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from . import data
 from .errors import UsageError
+from .quiet import held_back
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def classify(source: Path, images: list[Path], runtime: str = "auto", device: st
     source = Path(source)
     # the images, the runtime and its device first: a bad one is the only line, nothing printed before it
     raw = [data.read_image(p) for p in images]
-    with _held_back("mixformer_deploy.checkpoints"):  # reported once, by artifact_manifest below
+    with held_back("mixformer_deploy.checkpoints"):  # reported once, by artifact_manifest below
         runner = open_runner(source, runtime, device, threads=threads, options=options)
     try:
         manifest = artifact_manifest(source)
@@ -54,16 +54,3 @@ def _top_classes(probs: np.ndarray, top: int, labels: list[str] | None) -> list[
     order = np.argsort(-probs, kind="stable")[:top]
     return [{"class": int(c), "label": labels[c] if labels and c < len(labels) else str(c),
              "probability": float(probs[c])} for c in order]
-
-
-@contextmanager
-def _held_back(name: str):
-    """A logger's info lines held back for a moment: opening a weights file's runner loads it, and its
-    'inferred ...' line would otherwise be printed twice (the manifest read right after says it again)."""
-    lg = logging.getLogger(name)
-    old = lg.level
-    lg.setLevel(max(old, logging.WARNING))
-    try:
-        yield
-    finally:
-        lg.setLevel(old)

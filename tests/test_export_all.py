@@ -24,8 +24,8 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytestmark = pytest.mark.onnx
 
 from mixformer_deploy.cli.app import _load_commands, app  # noqa: E402
-from mixformer_deploy.backends import get_target, keys  # noqa: E402
-from mixformer_deploy.backends.exporter import Tolerance  # noqa: E402
+from mixformer_deploy.backends import get_spec, keys  # noqa: E402
+from mixformer_deploy.backends.spec import Tolerance  # noqa: E402
 
 _load_commands()
 WEIGHTS = DATA / "tiny.pdparams"
@@ -90,7 +90,7 @@ def test_table_row_per_target_and_summary_path_last(tmp_path):
     text = summary.read_text()
     assert "mixformer-deploy export --target all" in text and "Machine:" in text
     for key in keys():
-        target = get_target(key)
+        target = get_spec(key)
         status = rows[(key, "fp16")][2]
         assert status.startswith(STATUSES), status
         if "fp16" not in target.precisions:
@@ -114,9 +114,9 @@ def test_table_row_per_target_and_summary_path_last(tmp_path):
 def test_json_alone_on_stdout_and_exit_1_when_a_gate_fails(tmp_path, monkeypatch):
     """A tolerance no artifact can meet (atol = rtol = 0, cosine 1) for ONNX fp16: that row fails its gate and
     the command exits 1 after the others are exported; stdout is the JSON document alone."""
-    from mixformer_deploy.backends.onnx.export import OnnxTarget
+    from mixformer_deploy.backends.onnx.spec import OnnxSpec
 
-    monkeypatch.setattr(OnnxTarget, "tolerances", {**OnnxTarget.tolerances, "fp16": Tolerance(0.0, 0.0, 1.0)})
+    monkeypatch.setattr(OnnxSpec, "tolerances", {**OnnxSpec.tolerances, "fp16": Tolerance(0.0, 0.0, 1.0)})
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["export", "--target", "all", *FAST, "-o", str(out), "--json"])
     assert r.exit_code == 1, r.output[-3000:]

@@ -19,7 +19,8 @@ pytest.importorskip("ncnn", reason="the ncnn extra is not installed")
 pytest.importorskip("pnnx", reason="the ncnn extra is not installed")
 
 from mixformer_deploy.backends.ncnn import convert as ncnn_convert  # noqa: E402
-from mixformer_deploy.backends.ncnn.convert import NcnnNet, convert, load  # noqa: E402
+from mixformer_deploy.backends.ncnn.convert import convert  # noqa: E402
+from mixformer_deploy.backends.ncnn.runner import NcnnNet  # noqa: E402
 from mixformer_deploy.backends.ncnn.graph import NcnnBlock, to_ncnn_form, traced_max_rank  # noqa: E402
 from mixformer_deploy.deploy import to_deploy  # noqa: E402
 from mixformer_deploy.errors import ArtifactError, ExportError, RewriteError  # noqa: E402
@@ -28,6 +29,11 @@ from mixformer_deploy.model.backbone import MixFormerBackbone  # noqa: E402
 pytestmark = pytest.mark.ncnn
 
 SIZES = [(64, 64), (64, 96)]
+
+
+def load(model, fp16: bool = False) -> NcnnNet:
+    """A converted net, loaded as the runner loads it (one thread: the test models are tiny)."""
+    return NcnnNet(model.param, model.bin, model.output_shapes, threads=1, fp16=fp16)
 
 
 def _batch(size, n=3, seed=0) -> torch.Tensor:

@@ -192,10 +192,10 @@ def test_export_cli_contract(tmp_path):
 
 
 def test_failing_export_is_kept_aside_and_exits_1(tmp_path, monkeypatch):
-    from mixformer_deploy.backends.exporter import Tolerance
-    from mixformer_deploy.backends.onnx.export import OnnxTarget
+    from mixformer_deploy.backends.onnx.spec import OnnxSpec
+    from mixformer_deploy.backends.spec import Tolerance
 
-    monkeypatch.setattr(OnnxTarget, "tolerances", {"fp32": Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)})
+    monkeypatch.setattr(OnnxSpec, "tolerances", {"fp32": Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)})
     result, code = _cli("export", "--weights", WEIGHTS, "--img-size", "224", "--output", tmp_path, "--json")
     assert code == 1
     failed = tmp_path / "mixformer-custom-224x224-b1-fp32.onnx.failed"

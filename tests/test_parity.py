@@ -18,7 +18,7 @@ from mixformer_deploy.errors import ArtifactError, MixformerDeployError
 from mixformer_deploy.data import run_batched
 from mixformer_deploy.parity import check_parity, compare_outputs
 from mixformer_deploy.reports.junit import write_junit
-from mixformer_deploy.backends.exporter import Tolerance
+from mixformer_deploy.backends.spec import Tolerance
 
 TINY = dict(num_classes=10, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 LABELS = [f"class-{i}" for i in range(10)]

@@ -118,12 +118,14 @@ class BackendSpec:
     runtime: str = ""                   # the runtime key that runs this backend's artifacts ("" = none)
     runners: ClassVar[dict[str, str]] = {}   # runtime key -> runner class name in <package>.runner
     exporter_name: str = ""             # exporter class name in <package>.export ("" = exports nothing)
+    cli_module: str = ""                # a module of the package that adds CLI commands of its own
     precisions: tuple[str, ...] = ("fp32",)
     calibrated: tuple[str, ...] = ()    # precisions that need calibration images (int8)
     tolerances: ClassVar[dict[str, Tolerance]] = {"fp32": FP32}
     Options: ClassVar[type[Options]] = Options
     versions: tuple[str, ...] = ()      # distributions whose versions go into the manifest
     description: str = ""
+    title: str = ""                     # the name users know it by (the targets table)
     runs_here: str = ""                 # what runs on a Linux x86 CPU (the targets table's column)
     verified: str = ""                  # where it was verified beyond that: GPU, Mac, phone (the same table)
     # What the conformance suite may ask of it: "int8", "reproducible" (same bytes twice), "backbone",
@@ -145,9 +147,13 @@ class BackendSpec:
         return getattr(importlib.import_module(f"{self.package}.export"), self.exporter_name)(self)
 
     def runner_class(self, runtime: str | None = None):
-        """The runner class of ``runtime`` (default: this backend's own)."""
-        name = self.runners[runtime or self.runtime]
-        return getattr(importlib.import_module(f"{self.package}.runner"), name)
+        """The runner class of ``runtime`` (default: the one that runs this backend's artifacts, which may
+        live in another backend: TensorRT's ONNX runs on onnxruntime)."""
+        runtime = runtime or self.runtime
+        if runtime not in self.runners:
+            from . import runner_class
+            return runner_class(runtime)
+        return getattr(importlib.import_module(f"{self.package}.runner"), self.runners[runtime])
 
     def parse_options(self, given: dict | None) -> Options:
         return self.Options.parse(given)

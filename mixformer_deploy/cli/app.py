@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 import os
 import sys
 
@@ -113,19 +112,6 @@ def _root(
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@contextmanager
-def quiet_logger(name: str):
-    """Hold back a library logger's info lines while a command works (it prints its own summary, and an
-    error stays the only stderr line)."""
-    lg = logging.getLogger(name)
-    old = lg.level
-    lg.setLevel(max(old, logging.WARNING))
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
-
-
 def quiet() -> bool:
     """--quiet: only warnings and errors on stderr (summaries a command prints there are held back)."""
     return bool(_state["quiet"])
@@ -148,15 +134,17 @@ def show_progress() -> bool:
 
 
 def _load_commands() -> None:
-    # each module registers its commands on `app`; imported here so that `--help` lists them all.
-    # A command module that does not exist (yet) is skipped; any other import failure surfaces.
+    """Each module registers its commands on ``app``; imported here so that ``--help`` lists them all,
+    with a backend's own commands (its spec's ``cli_module``, e.g. TensorRT's trt-lint)."""
     import importlib
-    for name in ("bench_cmd", "export_cmd", "info_cmd", "inspect_cmd", "parity_cmd", "report_cmd", "trt_cmd"):
-        try:
-            importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{name}":
-                raise
+
+    from ..backends import all_specs
+
+    for name in ("bench_cmd", "export_cmd", "info_cmd", "inspect_cmd", "parity_cmd", "report_cmd"):
+        importlib.import_module(f"{__package__}.{name}")
+    for spec in all_specs():
+        if spec.cli_module:
+            importlib.import_module(f"{spec.package}.{spec.cli_module}")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import typer
 from ..errors import GateError, InputFileError, UsageError
 from ..backends import runtime_keys
 from ..backends.runner import parse_runtime_options
-from .app import app, show_progress, quiet_logger, console as make_console
+from ..quiet import held_back
+from .app import app, show_progress, console as make_console
 
 PANEL = "Measure"
 MIB = 2 ** 20
@@ -145,7 +146,7 @@ def bench(
         from ..optional import require
         require("matplotlib", "plot")
     policy = Policy(warmup_s=warmup_s, duration_s=duration_s, min_iters=min_iters)
-    with progress_bar() as tick, quiet_logger("mixformer_deploy.checkpoints"):
+    with progress_bar() as tick, held_back("mixformer_deploy.checkpoints"):
         doc = benchmark(artifacts, runtime.value, device, batches, threads, policy, with_reference, weights,
                         floor=not no_floor, progress=tick, runtime_options=parse_runtime_options(runtime_option))
     if base is not None:

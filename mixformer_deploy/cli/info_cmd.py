@@ -14,7 +14,8 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
-from .app import app, quiet_logger, console as make_console
+from ..quiet import held_back
+from .app import app, console as make_console
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _resolve_model(weights: Path | None, variant: Variant | None, num_classes: i
         raise CheckpointError(f"the shipped weights {path} are not there: pass --weights PATH, or --variant B0..B6 "
                               "for seeded random weights")
     name = None if variant in (None, Variant.auto) else variant.value
-    with quiet_logger("mixformer_deploy.checkpoints"):
+    with held_back("mixformer_deploy.checkpoints"):
         ck = load_checkpoint(path, name, num_classes)
     facts = {"source": "file", "path": str(ck.path.resolve()), "sha256": ck.sha256, "format": ck.format,
              "size_bytes": ck.path.stat().st_size, "shipped": is_shipped(ck.sha256)}
@@ -273,7 +274,7 @@ def convert_weights(
 
     size = parse_size(img_size) if img_size is not None else None
     variant = as_variant(variant)
-    with quiet_logger("mixformer_deploy.checkpoints"):  # the one "inferred" line is this command's, below
+    with held_back("mixformer_deploy.checkpoints"):  # the one "inferred" line is this command's, below
         summary = convert_weights_file(src, out, None if variant in (None, Variant.auto) else variant.value,
                                        num_classes, size)
     if summary["inferred"]:

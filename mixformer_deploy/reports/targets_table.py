@@ -18,15 +18,15 @@ COMMAND = "python -m mixformer_deploy.reports.targets_table"
 
 
 def table() -> str:
-    """One row per export target: key, artifact, precisions, extra, what runs here, verified where."""
-    from ..backends import all_specs
+    """One row per backend: name, key, artifact, precisions, what runs here, where it was verified."""
+    from ..backends import ALIASES, all_specs
 
-    rows = ["| target | artifact | precisions | extra | runs here (Linux x86 CPU) | verified elsewhere |",
-            "|---|---|---|---|---|---|"]
-    for s in all_specs(exporting=True):
-        artifact = f"`{s.suffix}/`" if s.is_dir else f"`{s.suffix}`"
-        rows.append(f"| [{s.description}](docs/backends/{s.key}.md) (`{s.key}`) | {artifact} | "
-                    f"{', '.join(s.precisions)} | `[{s.extra}]` | {s.runs_here or '-'} | {s.verified or '-'} |")
+    rows = ["| target | key | artifact | precisions | runs here | verified where |", "|---|---|---|---|---|---|"]
+    for s in all_specs():
+        artifact = f"`{s.suffix}/`" if s.is_dir else (f"`{s.suffix}`" if s.suffix else "a weights file")
+        key = f"`{s.key}`" + "".join(f" (`{a}`)" for a, k in ALIASES.items() if k == s.key)
+        rows.append(f"| [{s.title or s.key}](docs/backends/{s.key}.md) | {key} | {artifact} | "
+                    f"{', '.join(s.precisions)} | {s.runs_here or '-'} | {s.verified or '-'} |")
     return "\n".join(rows)
 
 

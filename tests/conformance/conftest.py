@@ -43,6 +43,7 @@ class Plan:
     target_options: dict = field(default_factory=dict)
     costly: bool = False
     why: str = ""
+    threads_shape_bytes: str = ""      # why the thread count the export runs with is part of the artifact
 
 
 PLANS = {
@@ -53,7 +54,8 @@ PLANS = {
                        why="XNNPACK lowering costs per block: two stages halve it"),
     "litert": Plan(config=MICRO, size=32, costly=True, why="the MLIR lowering costs per block: two stages halve it"),
     "aoti": Plan(config=MICRO, size=32, costly=True,
-                 why="a C++ compile per kernel (~25 s on 2 cores for TINY): two stages halve it"),
+                 why="a C++ compile per kernel (~25 s on 2 cores for TINY): two stages halve it",
+                 threads_shape_bytes="Inductor generates the kernels' C++ for the thread count it compiles with"),
 }
 
 

@@ -170,6 +170,9 @@ class AotiSpec(BackendSpec):
     Options = AotiOptions
     versions = ("torch",)
     description = "AOTInductor .pt2 package (PyTorch ahead-of-time compiled; Python or C++ loader, CPU or CUDA)"
+    title = "AOTInductor"
+    runs_here = "aoti (CPU; CUDA packages need CUDA)"
+    verified = "Linux x86 CPU"
     # no "fp16": a CPU package computes fp32 or bf16, fp16 needs --device cuda
     capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest"})
 

@@ -29,14 +29,11 @@ manifest's ``created``, which honours SOURCE_DATE_EPOCH), and the spec is serial
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import re
 import uuid
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +42,7 @@ import numpy as np
 import torch
 
 from ...deploy.precision import kept_by
+from ...quiet import captured
 from ...errors import ArtifactError, ExportError, UsageError, one_line
 from ...manifest import EMBED_KEY
 from ..exporter import ExportContext, Exporter, ExportOptions
@@ -62,15 +60,9 @@ CLASS_LABEL, PROBABILITIES = "classLabel", "classLabel_probs"
 MAX_BATCH = 1024   # the upper bound of a dynamic batch axis
 
 
-@contextlib.contextmanager
 def _quiet():
     """coremltools draws tqdm progress bars on stderr and warns freely; the CLI promises one line."""
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        yield
-    if sink.getvalue().strip():
-        log.debug("coremltools said: %s", sink.getvalue()[-2000:])
+    return captured("coremltools")
 
 
 def pass_pipeline():

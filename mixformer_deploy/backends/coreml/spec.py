@@ -266,6 +266,9 @@ class CoreMlSpec(BackendSpec):
     Options = CoreMlOptions
     versions = ("coremltools",)
     description = "Core ML ML program (.mlpackage) for iOS/macOS; converts anywhere, predicts on macOS only"
+    title = "Core ML"
+    runs_here = "conversion only; prediction needs macOS"
+    verified = "conversion on Linux x86 CPU"
     capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
 
     def check(self, options) -> None:

@@ -18,6 +18,17 @@ _SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "
                  11: "bool", 15: "bf16"}  # c10::ScalarType codes
 
 
+def declared_size(data: bytes) -> int | None:
+    """The file size a program's extended header declares (None without one): the end of its segments, else
+    of the flatbuffer. The runtime refuses a shorter file too, but logs to stderr on its way."""
+    eh = data[8:40]
+    if len(eh) < 24 or eh[:4] != b"eh00":
+        return None
+    length, program, base = (int.from_bytes(eh[a:b], "little") for a, b in ((4, 8), (8, 16), (16, 24)))
+    segments = int.from_bytes(eh[24:32], "little") if length > 24 and len(eh) >= 32 else 0
+    return base + segments if base and segments else program
+
+
 def load_program(path: Path):
     """The ExecuTorch runtime's Program for a .pte (ArtifactError when it is not one)."""
     path = Path(path)
@@ -26,6 +37,9 @@ def load_program(path: Path):
     data = path.read_bytes()
     if len(data) < 8 or data[4:8] != b"ET12":
         raise ArtifactError(f"{path.name}: not an ExecuTorch program (no ET12 header)")
+    size = declared_size(data)
+    if size is not None and len(data) < size:
+        raise ArtifactError(f"{path.name}: truncated ExecuTorch program ({len(data)} of {size} bytes)")
     rt = require("executorch.runtime", "executorch")
     try:
         return rt.Runtime.get().load_program(data)
@@ -96,7 +110,7 @@ class ExecuTorchSpec(BackendSpec):
     Options = ExecuTorchOptions
     versions = ("executorch", "torchao")
     description = "ExecuTorch .pte with the XNNPACK delegate (Android and iOS CPUs)"
-    capabilities = frozenset({"int8", "backbone", "inspect", "embedded_manifest", "phone_bench"})
+    capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "phone_bench"})
     phone_bench = "executor_runner"   # the on-device benchmark binary (phone.py drives it)
 
     def check(self, options) -> None:

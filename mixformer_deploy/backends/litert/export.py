@@ -8,7 +8,7 @@ per-tensor activations) observes the calibration images, then the converter writ
 quantize/dequantize at the edges (float32 input and logits); kept modules and normalizations are left
 unannotated, so they stay float32. fp16: float32 conversion, then ai-edge-quantizer's float casting of the
 FULLY_CONNECTED / CONV weights to float16 (half the size; XNNPACK computes in float32 on x86 and may use
-fp16 arithmetic on ARM).
+fp16 arithmetic on ARM), the ops of kept modules excluded (their weights stay float32).
 
 Manifest: embedded in the flatbuffer's ``metadata`` table (name ``mixformer_deploy.manifest``, a UTF-8
 JSON buffer), as well as the sidecar.
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 
 import numpy as np
 import torch
 
+from ...deploy.precision import kept_by
 from ...errors import ExportError, one_line
 from ...manifest import EMBED_KEY
 from ...optional import require
@@ -53,8 +55,10 @@ class LiteRtExporter(Exporter):
             except Exception as e:
                 raise ExportError(f"litert-torch conversion failed: {one_line(e)}") from e
         if options.precision == "fp16":
-            data = _fp16_weights(bytes(data))
-            facts["quantization"] = {"scheme": "float16 weights (ai-edge-quantizer float casting), float32 compute"}
+            scopes = kept_scopes(bytes(data), options.keeps, module)
+            data = _fp16_weights(bytes(data), scopes)
+            facts["quantization"] = {"scheme": "float16 weights (ai-edge-quantizer float casting), float32 compute",
+                                     "float32": sorted(options.keeps), "float32_ops": len(scopes)}
         manifest.update(facts)
         ops = op_histogram(unpack(bytes(data), "converted model"))
         manifest["ops"] = ops
@@ -90,16 +94,69 @@ class LiteRtExporter(Exporter):
         return converted, QuantConfig(pt2e_quantizer=quantizer)
 
 
-def _fp16_weights(data: bytes) -> bytes:
+def _fp16_weights(data: bytes, kept: list[str]) -> bytes:
+    """Every weight cast to float16 but those of the ops whose scopes are ``kept`` (a later recipe entry
+    overrides an earlier one for the ops it matches)."""
     aeq = require("ai_edge_quantizer", "litert")
     recipe = [{"regex": ".*", "operation": "*", "algorithm_key": "float_casting",
                "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
                              "compute_precision": "FLOAT", "explicit_dequantize": True}}]
+    recipe += [{"regex": f"^{re.escape(scope)}$", "operation": "*", "algorithm_key": "no_quantize"} for scope in kept]
     try:
         qt = aeq.Quantizer(data, recipe)
         return bytes(qt.quantize().quantized_model)
     except Exception as e:
         raise ExportError(f"ai-edge-quantizer float16 casting failed: {one_line(e)}") from e
+
+
+def kept_scopes(data: bytes, keeps: list[str], module: torch.nn.Module) -> list[str]:
+    """ai-edge-quantizer's scopes (output tensor names, each followed by ';') of the ops inside kept modules.
+    litert-torch names a tensor after the modules it was computed in, '<class>_<local name>' per module
+    called; a graph output is renamed, so an op is also placed by its weights' names (a LayerNorm's 1/C
+    constants have none: by its output). A constant buffer shared with a kept op stays float32 for all its
+    users (ai-edge-quantizer fails to cast it for some only)."""
+    if not keeps:
+        return []
+    names = _called_names(module)
+    model = unpack(data, "converted model")
+    g = model.subgraphs[0]
+    kept = set()
+    for k, op in enumerate(g.operators):
+        tensors = [text_of(g.tensors[i].name) for i in [*op.outputs, *op.inputs[1:]] if i >= 0]
+        owner = next((names[p] for p in map(_stack_path, tensors) if p in names), None)
+        if owner and kept_by(owner, keeps):
+            kept.add(k)
+    buffer_of = {i: t.buffer for i, t in enumerate(g.tensors) if t.buffer and _has_data(model.buffers[t.buffer])}
+    shared = {buffer_of[i] for k in kept for i in g.operators[k].inputs[1:] if i in buffer_of}
+    kept |= {k for k, op in enumerate(g.operators) if shared & {buffer_of.get(i) for i in op.inputs[1:]}}
+    return [";".join(text_of(g.tensors[i].name) for i in g.operators[k].outputs if i >= 0) + ";"
+            for k in sorted(kept) if len(g.operators[k].outputs)]
+
+
+def _has_data(buffer) -> bool:
+    return buffer.data is not None and len(buffer.data) > 0 or (getattr(buffer, "offset", 0) or 0) > 1
+
+
+def _stack_path(tensor_name: str) -> str:
+    """'pkg.Root/torch.nn.modules.container.Sequential_0/pkg.XnnBlock_1/torch.nn.modules.linear.Linear_proj;2'
+    -> 'Sequential_0/XnnBlock_1/Linear_proj' (class and local name of each module called below the root)."""
+    return "/".join(seg.rsplit(".", 1)[-1] for seg in tensor_name.split(";")[0].split("/")[1:])
+
+
+def _called_names(module: torch.nn.Module) -> dict[str, str]:
+    """Module paths as litert-torch's tensor names spell them ('Sequential_0/XnnBlock_1/Linear_proj') -> the
+    module's name ('stages.0.1.proj'); ModuleLists and ModuleDicts are never called, so they are not in them."""
+    out: dict[str, str] = {}
+    for name, _ in module.named_modules():
+        parts = name.split(".") if name else []
+        segments = []
+        for i, part in enumerate(parts):
+            m = module.get_submodule(".".join(parts[:i + 1]))
+            if not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                segments.append(f"{type(m).__name__}_{part}")
+        if segments:
+            out.setdefault("/".join(segments), name)
+    return out
 
 
 def with_metadata(data: bytes, name: str, payload: bytes) -> bytes:

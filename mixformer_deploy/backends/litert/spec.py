@@ -73,6 +73,25 @@ def op_histogram(model) -> dict:
     return dict(sorted(ops.items()))
 
 
+def ops_per_precision(model, schema) -> dict:
+    """Compute ops by the precision they read: int8 (quantized input), fp16 (float16 weights, stored as such
+    or dequantized from float16 just before), else their first input's type."""
+    g = model.subgraphs[0]
+    names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    short = {"FLOAT32": "fp32", "FLOAT16": "fp16", "BFLOAT16": "bf16", "FLOAT64": "fp64"}
+    fp16 = {i for i, t in enumerate(g.tensors) if t.type == schema.TensorType.FLOAT16}
+    fp16 |= {op.outputs[0] for op in g.operators
+             if op_name(model, op, schema) == "DEQUANTIZE" and op.inputs[0] in fp16 and len(op.outputs)}
+    out: Counter = Counter()
+    for op in g.operators:
+        if op_name(model, op, schema) in LAYOUT_OPS:
+            continue
+        ins = [i for i in op.inputs if i >= 0]
+        first = names.get(g.tensors[ins[0]].type, "?") if ins else "?"
+        out["fp16" if fp16 & set(ins) else short.get(first, first.lower())] += 1
+    return dict(out)
+
+
 @dataclass(frozen=True)
 class LiteRtOptions(Options):
     graph_form: str = graph_form_option()
@@ -91,7 +110,8 @@ class LiteRtSpec(BackendSpec):
     Options = LiteRtOptions
     versions = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")
     description = "LiteRT (TensorFlow Lite) .tflite with the XNNPACK delegate (Android, iOS, embedded CPUs)"
-    capabilities = frozenset({"int8", "backbone", "inspect", "embedded_manifest", "fp16", "phone_bench"})
+    capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "fp16",
+                              "phone_bench"})
     phone_bench = "benchmark_model"   # the on-device benchmark binary (phone.py drives it)
 
     def check(self, options) -> None:
@@ -118,18 +138,11 @@ class LiteRtSpec(BackendSpec):
 
         tensor_types = Counter(types.get(t.type, str(t.type)).lower() for t in g.tensors)
         ranks = [len(t.shape) for t in g.tensors if t.shape is not None]
-        # the precision each compute op runs in: the type of its first input
-        per_precision: Counter = Counter()
-        for op in g.operators:
-            if op_name(model, op, schema) in LAYOUT_OPS:
-                continue
-            first = next((i for i in op.inputs if i >= 0), None)
-            per_precision[types.get(g.tensors[first].type, "?").lower() if first is not None else "?"] += 1
         manifest = model_manifest(model, Path(path).name) or {}
         return {"format": "tflite", "version": model.version, "inputs": [desc(i) for i in g.inputs],
                 "outputs": [desc(i) for i in g.outputs], "ops": op_histogram(model), "nodes": len(g.operators),
                 "tensor_types": dict(sorted(tensor_types.items())), "max_rank": max(ranks) if ranks else None,
-                "precisions": dict(per_precision), "graph_form": manifest.get("graph_form"),
+                "precisions": ops_per_precision(model, schema), "graph_form": manifest.get("graph_form"),
                 "kept_fp32": (manifest.get("quantization") or {}).get("float32", []),
                 "signatures": [text_of(s.signatureKey) for s in model.signatureDefs or []]}
 

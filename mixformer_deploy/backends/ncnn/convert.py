@@ -19,19 +19,16 @@ ncnn's defaults (fp16 storage, and fp16 arithmetic where the CPU has it: ARMv8.2
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ...errors import ArtifactError, ExportError
+from ...errors import ExportError
 from ...optional import require
 from .graph import traced_max_rank
 from .runner import log_tail

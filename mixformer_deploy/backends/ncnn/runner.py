@@ -3,44 +3,21 @@ converted at batch 1; see graph.py), with ncnn's fp16 options off for fp32 artif
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import ArtifactError, UsageError
 from ...optional import require
-from ..runner import Runner, packed
+from ...quiet import captured
+from ..runner import Runner
 from .spec import INPUT_BLOB, artifact_files, embedded_manifest, output_blob
 
 
 def log_tail(log: str, lines: int = 8) -> str:
     """The last lines of a tool's log on one line, for an error message."""
     return " | ".join(ln.strip() for ln in log.strip().splitlines()[-lines:] if ln.strip())
-
-
-@contextlib.contextmanager
-def _captured_fds():
-    """Redirect the process's stdout and stderr file descriptors (C++ code writes there, not to
-    sys.stdout) to a temporary file; yields a list that receives the text on exit."""
-    text: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-        try:
-            for fd in (1, 2):
-                os.dup2(sink.fileno(), fd)
-            yield text
-        finally:
-            for fd, keep in zip((1, 2), saved):
-                os.dup2(keep, fd)
-                os.close(keep)
-            sink.seek(0)
-            text.append(sink.read().decode(errors="replace"))
 
 
 class NcnnNet:
@@ -56,10 +33,10 @@ class NcnnNet:
         if not fp16:  # ncnn defaults to fp16 storage and arithmetic where the CPU has them
             opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = False
             opt.use_bf16_storage = opt.use_bf16_packed = False
-        with _captured_fds() as log:
+        with captured("ncnn", fds=True) as log:
             rcs = (net.load_param(str(param)), net.load_model(str(bin_)))
         if any(rcs):
-            raise ArtifactError(f"ncnn cannot load {Path(param).name} / {Path(bin_).name}: {log_tail(log[0], 3)}")
+            raise ArtifactError(f"ncnn cannot load {Path(param).name} / {Path(bin_).name}: {log_tail(''.join(log), 3)}")
         missing = {output_blob(i) for i in range(len(self.output_shapes))} - set(net.output_names())
         if missing or INPUT_BLOB not in net.input_names():
             raise ArtifactError(f"{Path(param).name}: blobs {sorted(missing) or INPUT_BLOB} not found")

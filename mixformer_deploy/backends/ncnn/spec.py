@@ -70,6 +70,9 @@ class NcnnSpec(BackendSpec):
     tolerances = {"fp32": FP32, "fp16": FP16}
     versions = ("ncnn", "pnnx")
     description = "ncnn (pnnx conversion; phones, ARM Linux, Raspberry Pi)"
+    title = "ncnn"
+    runs_here = "ncnn (fp16: weights stored in half precision; x86 computes in fp32)"
+    verified = "Linux x86 CPU"
     capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
 
     def read_embedded(self, path: Path) -> dict | None:

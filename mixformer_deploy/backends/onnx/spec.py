@@ -130,6 +130,9 @@ class OnnxSpec(BackendSpec):
     Options = OnnxOptions
     versions = ("onnx", "onnxruntime", "onnxslim")
     description = "ONNX (onnxruntime, and the input of TensorRT, OpenVINO and others)"
+    title = "ONNX"
+    runs_here = "onnxruntime"
+    verified = "Linux x86 CPU"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
 
     def check(self, options) -> None:

@@ -199,6 +199,9 @@ class OpenVinoSpec(BackendSpec):
     Options = OpenVinoOptions
     versions = ("openvino", "nncf", "onnx", "onnxslim")
     description = "OpenVINO IR (fp32, fp16-compressed weights, NNCF int8): the fastest CPU path"
+    title = "OpenVINO"
+    runs_here = "openvino"
+    verified = "Linux x86 CPU"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "checksum",
                               "fp16"})
 

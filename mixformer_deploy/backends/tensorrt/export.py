@@ -29,13 +29,14 @@ import logging
 import re
 import shlex
 import tempfile
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ...deploy.precision import kept_by
 from ...errors import ExportError, MissingBackendError, MixformerDeployError, UsageError, one_line
+from ...quiet import captured
 from ...optional import require, version_of
 from ..exporter import ExportContext, Exporter, ExportOptions, FollowUp
 from ..onnx.export import export_onnx, module_of, save_onnx
@@ -289,22 +290,10 @@ def _onnxruntime_quantization_restored():
             table.update(entries)
 
 
-@contextmanager
 def _quiet():
     """ModelOpt and onnxruntime's calibrator print progress to stdout and draw progress bars on stderr; the
-    CLI's stdout ends with the artifact's path and its stderr is for the one error line. Both go to the
-    debug log instead (exceptions still propagate)."""
-    import io
-    buf = io.StringIO()
-    level = logging.getLogger("modelopt").level
-    logging.getLogger("modelopt").setLevel(logging.ERROR)
-    try:
-        with redirect_stdout(buf), redirect_stderr(buf):
-            yield
-    finally:
-        logging.getLogger("modelopt").setLevel(level or logging.ERROR)
-        if buf.getvalue().strip():
-            log.debug("modelopt: %s", buf.getvalue()[-2000:])
+    CLI's stdout ends with the artifact's path and its stderr is for the one error line."""
+    return captured("modelopt", loggers=("modelopt",))
 
 
 # ---------------------------------------------------------------------- the engine (TensorRT 10 and 11)

@@ -82,6 +82,10 @@ class TensorRtSpec(BackendSpec):
     Options = TensorRtOptions
     versions = ("onnx", "onnxruntime", "onnxslim", "nvidia-modelopt")
     description = "TensorRT (a strongly typed TensorRT-ready ONNX, then a .engine on an NVIDIA GPU)"
+    cli_module = "cli"                  # trt-lint
+    title = "TensorRT"
+    runs_here = "the `.trt.onnx` on onnxruntime; the `.engine` needs TensorRT and an NVIDIA GPU"
+    verified = "the `.trt.onnx` on Linux x86 CPU; engine build not yet run"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
 
     def check(self, options) -> None:
@@ -100,11 +104,6 @@ class TensorRtSpec(BackendSpec):
     def runtime_for(self, path: Path) -> str:
         """A .engine runs on TensorRT, the ONNX on onnxruntime."""
         return "tensorrt" if is_engine(path) else self.runtime
-
-    def runner_class(self, runtime: str | None = None):
-        """The .trt.onnx runs through the ONNX backend's runner; this package runs only engines."""
-        runtime = runtime or self.runtime
-        return super().runner_class(runtime) if runtime in self.runners else ONNX_SPEC.runner_class(runtime)
 
     def read_embedded(self, path: Path) -> dict | None:
         if is_engine(path):

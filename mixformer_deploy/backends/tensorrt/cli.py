@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ArtifactError, GateError
-from .app import app
+from ...errors import ArtifactError, GateError
+from ...cli.app import app
 
 
 @app.command("trt-lint", rich_help_panel="Verify")
@@ -22,7 +22,7 @@ def trt_lint_cmd(
     checked against NVIDIA's ONNX operator matrix for TensorRT (kept in the package with its source).
 
     Exit 0 clean, 1 with findings (each names the node and its op), 4 for a file that is not ONNX."""
-    from ..backends.tensorrt.lint import lint, lint_lines
+    from .lint import lint, lint_lines
 
     if not artifact.is_file():
         raise ArtifactError(f"not found: {artifact}")
