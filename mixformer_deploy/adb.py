@@ -15,26 +15,15 @@ not attached: MissingBackendError (exit 3); a tool that fails or prints nothing 
 
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import ArtifactError, InputFileError, MissingBackendError, MixformerDeployError, UsageError
+from .errors import ArtifactError, DeviceToolError, InputFileError, MissingBackendError, UsageError
 
 REMOTE_DIR = "/data/local/tmp/mixformer-deploy"
-
-
-class DeviceToolError(MixformerDeployError):
-    """The benchmark tool ran on the device but failed or printed nothing we can read."""
-    exit_code = 5
-
-
-def phone_backend(spec):
-    """The backend's ``phone`` module (``<package>.phone``), for a spec with the "phone_bench" capability."""
-    return importlib.import_module(f"{spec.package}.phone")
 
 
 # ---------------------------------------------------------------- adb
@@ -118,7 +107,7 @@ def bench_on_device(artifact: str | Path, serial: str, benchmark_binary: str | P
     dev.push(artifact, remote_model)
     dev.push(binary, remote_tool)
     dev.shell(f"chmod 755 {shlex.quote(remote_tool)}")
-    phone = phone_backend(spec)
+    phone = spec.phone()
     timing = phone.phone_bench(lambda command: dev.shell(command, check=False), remote_tool, remote_model,
                                threads=threads, runs=runs, warmup=warmup, rounds=rounds,
                                extra=" ".join(shlex.quote(a) for a in extra_args))

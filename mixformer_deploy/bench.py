@@ -239,9 +239,8 @@ def _worker_main(conn, subject: Subject) -> None:
     runner, x, seed = None, None, 0
 
     def gpu_times() -> list[float]:
-        """GPU compute time of the runs since the last call, where the runner measures it (CUDA events)."""
-        take = getattr(runner, "take_gpu_times", None)
-        return take() if take else []
+        """GPU compute time of the runs since the last call (the reference runner too: it is a Runner)."""
+        return runner.take_gpu_times() if runner is not None else []
 
     try:
         rss0 = rss_bytes()

@@ -19,6 +19,12 @@ class MissingBackendError(MixformerDeployError):
     exit_code = 3
 
 
+class DeviceToolError(MixformerDeployError):
+    """A benchmark tool ran on a device (a phone) but failed or printed nothing we can read."""
+
+    exit_code = 5
+
+
 class InputFileError(MixformerDeployError):
     """A file given to us (image, dataset, artifact) is missing, unreadable, corrupt or does not fit."""
 

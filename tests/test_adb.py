@@ -11,7 +11,8 @@ import pytest
 
 from conftest import DATA
 
-from mixformer_deploy.adb import DeviceToolError, bench_on_device
+from mixformer_deploy.adb import bench_on_device
+from mixformer_deploy.errors import DeviceToolError
 from mixformer_deploy.backends.executorch.phone import parse_phone_output as parse_executor_runner
 from mixformer_deploy.backends.litert.phone import parse_phone_output as parse_benchmark_model
 from mixformer_deploy.errors import InputFileError, MissingBackendError, UsageError
@@ -61,14 +62,13 @@ def test_release_executor_runner_prints_nothing_to_parse_and_says_why():
 
 def test_phone_backends_declare_their_tool_and_module():
     """adb.py names no backend: each phone backend declares its binary and offers the same functions."""
-    from mixformer_deploy.adb import phone_backend
     from mixformer_deploy.backends import all_specs
 
     phones = {s.key: s for s in all_specs() if "phone_bench" in s.capabilities}
     assert {k: s.phone_bench for k, s in phones.items()} == {"executorch": "executor_runner",
                                                              "litert": "benchmark_model"}
     for spec in phones.values():
-        module = phone_backend(spec)
+        module = spec.phone()
         assert all(callable(getattr(module, f)) for f in ("phone_command", "parse_phone_output", "phone_bench"))
         assert module.RUNTIME_DIST in spec.versions  # the manifest records its version
         command = module.phone_command("/t/tool", "/t/m odel", threads=3, runs=7, warmup=2)

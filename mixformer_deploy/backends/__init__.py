@@ -125,4 +125,4 @@ def open_runner(artifact: str | Path, runtime: str = "auto", device: str = "cpu"
                 options: dict[str, str] | None = None):
     key = runtime_for(artifact) if runtime in (None, "auto") else runtime
     cls = runner_class(key)
-    return cls.load(artifact, device=device, threads=threads, options=cls.check_options(options))
+    return cls.load(artifact, device=cls.check_device(device), threads=threads, options=cls.check_options(options))

@@ -24,6 +24,7 @@ class Runner(ABC):
     extra: str = ""                  # the extra that installs it
     option_help: dict[str, str] = {}  # runtime option key -> what it does (values are strings)
     option_choices: dict[str, tuple[str, ...]] = {}  # keys whose values are one of a few words
+    devices: tuple[str, ...] = ("cpu",)   # device kinds it can run on (``cuda`` also takes cuda:N)
     device: str = "cpu"    # where it runs, e.g. "cpu", "cuda:0"
     precision: str = "fp32"
     threads: int | None = None
@@ -34,6 +35,14 @@ class Runner(ABC):
              options: dict[str, str] | None = None) -> "Runner":
         """Open an artifact for inference (raise ArtifactError for a bad file, MissingBackendError when
         the runtime or device is not available, UsageError for an option it does not take)."""
+
+    @classmethod
+    def check_device(cls, device: str) -> str:
+        """``device`` if this runtime can run there ("auto" always passes: the runner picks), else a usage
+        error naming where it runs. Checked once here, before any runner opens an artifact."""
+        if device == "auto" or device.lower().split(":")[0] in cls.devices:
+            return device
+        raise UsageError(f"{cls.key} runs on {', '.join(('auto',) + cls.devices)} here, not {device!r}")
 
     @classmethod
     def check_options(cls, options: dict[str, str] | None) -> dict[str, str]:
@@ -87,6 +96,11 @@ class Runner(ABC):
         feature maps: nothing, as they are not stages)."""
         out = self.run(batch)
         return {} if isinstance(out, tuple) else {"logits": out}
+
+    def take_gpu_times(self) -> list[float]:
+        """Device compute time (ms) of each run since the last call, where the runner measures it (CUDA
+        events); empty where it does not. bench reads it into each row's ``gpu_ms``."""
+        return []
 
     def sync(self) -> None:
         """Wait for queued device work (GPU runners override); timing calls it after each run."""

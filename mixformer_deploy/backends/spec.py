@@ -119,6 +119,7 @@ class BackendSpec:
     runners: ClassVar[dict[str, str]] = {}   # runtime key -> runner class name in <package>.runner
     exporter_name: str = ""             # exporter class name in <package>.export ("" = exports nothing)
     cli_module: str = ""                # a module of the package that adds CLI commands of its own
+    phone_bench: str = ""               # the on-device benchmark binary its phone.py drives ("" = none)
     precisions: tuple[str, ...] = ("fp32",)
     calibrated: tuple[str, ...] = ()    # precisions that need calibration images (int8)
     tolerances: ClassVar[dict[str, Tolerance]] = {"fp32": FP32}
@@ -154,6 +155,12 @@ class BackendSpec:
             from . import runner_class
             return runner_class(runtime)
         return getattr(importlib.import_module(f"{self.package}.runner"), self.runners[runtime])
+
+    def phone(self):
+        """The phone-bench driver (``<package>.phone``: phone_command, parse_phone_output, phone_bench)."""
+        if not self.phone_bench:
+            raise UsageError(f"{self.key} artifacts have no phone benchmark")
+        return importlib.import_module(f"{self.package}.phone")
 
     def parse_options(self, given: dict | None) -> Options:
         return self.Options.parse(given)

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 
-# tests/conftest.py's plain names (DATA, WEIGHTS, TINY, rel_l2, run_cli, ...): see its SHARED
-import tests_conftest
-from tests_conftest import SHARED
+# Re-exported, so that ``from conftest import DATA`` works whichever conftest pytest loaded last (see
+# SHARED in tests/conftest.py); tests/conftest.py registers itself as ``tests_conftest``.
+from tests_conftest import DATA, SHARED, TINY, WEIGHTS, CliResult, invoke_cli, rel_l2, run_cli  # noqa: F401
 
-globals().update({name: getattr(tests_conftest, name) for name in SHARED})
+from mixformer_deploy.backends import all_specs
+from mixformer_deploy.backends.spec import BackendSpec
 
-from mixformer_deploy.backends import all_specs  # noqa: E402
-from mixformer_deploy.backends.spec import BackendSpec  # noqa: E402
+assert set(SHARED) <= set(globals()), "re-export every name of tests/conftest.py's SHARED"
 
-WEIGHTS = tests_conftest.WEIGHTS
 EPOCH = "1700000000"   # SOURCE_DATE_EPOCH of every export here: the reproducibility contract compares bytes
 
 # Two stages, 64-wide head: what the backends that compile or lower per block get instead of TINY.
@@ -39,7 +38,7 @@ class Plan:
     weights) and ``why`` another; ``costly``: a second export of it belongs to the slow run."""
 
     config: dict | None = None
-    size: int = 64                     # OpenVINO 2026.4 crashes compiling TINY at 32x32; 64 runs everywhere
+    size: int = 64                     # OpenVINO 2026.4 segfaults compiling TINY at 32x32; 64 runs everywhere
     target_options: dict = field(default_factory=dict)
     costly: bool = False
     why: str = ""
@@ -49,7 +48,7 @@ class Plan:
 PLANS = {
     "tensorrt": Plan(target_options={"onnx_only": True},
                      why="an engine needs TensorRT and an NVIDIA GPU: the TensorRT-ready ONNX is what runs here"),
-    "coreml": Plan(costly=True),
+    "coreml": Plan(costly=True),        # a coremltools conversion: ~8 s on 2 cores
     "executorch": Plan(config=MICRO, size=32, costly=True,
                        why="XNNPACK lowering costs per block: two stages halve it"),
     "litert": Plan(config=MICRO, size=32, costly=True, why="the MLIR lowering costs per block: two stages halve it"),
@@ -68,16 +67,18 @@ def _marks(spec: BackendSpec, slow: bool) -> list:
     return marks + [pytest.mark.slow] if slow else marks
 
 
-def backends(*capabilities: str, slow_if_costly: bool = False, with_precision=None) -> list:
-    """pytest params of every export target with all ``capabilities`` (id: its key, marked with its key;
-    ``slow_if_costly``: a costly backend's param is marked slow)."""
+def costly(spec: BackendSpec) -> bool:
+    return plan_of(spec).costly
+
+
+def backends(*capabilities: str, slow=None, where=None) -> list:
+    """pytest params of every export target with all ``capabilities`` (and ``where(spec)``), id its key,
+    marked with its key; those for which ``slow(spec)`` marked slow too."""
     out = []
     for spec in all_specs(exporting=True):
-        if not set(capabilities) <= set(spec.capabilities):
+        if not set(capabilities) <= set(spec.capabilities) or (where and not where(spec)):
             continue
-        if with_precision and not with_precision(spec):
-            continue
-        out.append(pytest.param(spec, id=spec.key, marks=_marks(spec, slow_if_costly and plan_of(spec).costly)))
+        out.append(pytest.param(spec, id=spec.key, marks=_marks(spec, bool(slow and slow(spec)))))
     return out or [pytest.param(None, id="none", marks=pytest.mark.skip(reason=f"no backend has {capabilities}"))]
 
 

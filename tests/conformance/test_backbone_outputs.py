@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import backends, export_here, plan_of, rel_l2
+from conftest import backends, costly, export_here, plan_of, rel_l2
 
 
 def _shape(desc) -> list | None:
@@ -16,7 +16,7 @@ def _shape(desc) -> list | None:
     return [int(d) for d in shape] if shape and all(isinstance(d, int) for d in shape) else None
 
 
-@pytest.mark.parametrize("spec", backends("backbone", slow_if_costly=True))
+@pytest.mark.parametrize("spec", backends("backbone", slow=costly))
 def test_backbone_outputs_come_in_manifest_order(spec, tiny_weights, tmp_path):
     from mixformer_deploy.backends import open_runner, runner_class
     from mixformer_deploy.backends.runner import as_outputs

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backends, export_here, plan_of
+from conftest import backends, costly, export_here, plan_of
 
 from mixformer_deploy.errors import MissingBackendError
 
@@ -32,8 +32,8 @@ def _reduced_here(spec) -> tuple[str | None, str]:
     return None, why
 
 
-@pytest.mark.parametrize("spec", backends("inspect", slow_if_costly=True,
-                                          with_precision=lambda s: any(p in REDUCED for p in s.precisions)))
+@pytest.mark.parametrize("spec", backends("inspect", slow=costly,
+                                          where=lambda s: any(p in REDUCED for p in s.precisions)))
 def test_default_keeps_are_honoured_and_inspect_agrees_with_the_deploy_form(spec, tiny_weights, tmp_path):
     from mixformer_deploy.deploy import to_deploy
     from mixformer_deploy.deploy.precision import resolve_keeps
@@ -47,7 +47,9 @@ def test_default_keeps_are_honoured_and_inspect_agrees_with_the_deploy_form(spec
     deploy = to_deploy(load_source(tiny_weights(plan.config)).model, (plan.size, plan.size))
     keeps = resolve_keeps(deploy)
     assert result.manifest["precision"] == precision
-    assert result.manifest["precision_keeps"] == {"defaults": True, "patterns": [], "modules": keeps}
+    recorded = result.manifest["precision_keeps"]
+    assert {k: recorded.get(k) for k in ("defaults", "patterns", "modules")} == \
+        {"defaults": True, "patterns": [], "modules": keeps}
 
     info = spec.inspect(result.path)
     kept = info["kept_fp32"]
@@ -55,7 +57,9 @@ def test_default_keeps_are_honoured_and_inspect_agrees_with_the_deploy_form(spec
     assert set(kept) <= set(keeps), f"reported as kept but not a keep: {sorted(set(kept) - set(keeps))}"
     assert info["precisions"], f"{spec.key} inspect cannot tell what precision the artifact computes in"
     computes = {NAMES.get(p, p) for p, n in info["precisions"].items() if n}
-    if computes & set(REDUCED):   # reduced arithmetic: the keeps are islands of float32 in it
+    if recorded.get("applied") is False:   # the backend says it stores reduced and computes in float32
+        assert computes == {"fp32"}, f"keeps recorded as not applied, yet it computes in {info['precisions']}"
+    elif computes & set(REDUCED):  # reduced arithmetic: the keeps are islands of float32 in it
         norms = {n for n, m in deploy.named_modules() if isinstance(m, torch.nn.LayerNorm)}
         assert norms and norms <= set(keeps)
         assert norms <= set(kept), f"LayerNorms not kept in float32: {sorted(norms - set(kept))}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EPOCH, artifact_bytes, backends, plan_of, run_cli
+from conftest import EPOCH, artifact_bytes, backends, costly, plan_of, run_cli
 
 
 def _option_flags(options: dict) -> list[str]:
@@ -20,7 +20,7 @@ def _option_flags(options: dict) -> list[str]:
     return flags
 
 
-@pytest.mark.parametrize("spec", backends("reproducible", slow_if_costly=True))
+@pytest.mark.parametrize("spec", backends("reproducible", slow=costly))
 def test_two_exports_give_the_same_bytes(spec, exported, weights_of, tmp_path):
     first = exported(spec).path           # in this process, one torch thread
     plan = plan_of(spec)

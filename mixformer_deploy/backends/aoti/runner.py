@@ -87,6 +87,7 @@ def check_package_device(path: Path, facts: dict, device: str) -> str:
 
 class AotiRunner(CudaTimed, Runner):
     key = "aoti"
+    devices = ("cpu", "cuda")
     dists = ("torch",)
     extra = "aoti"
     option_help = {"cuda_graphs": "on|off: replay the package from captured CUDA graphs, one per input shape "

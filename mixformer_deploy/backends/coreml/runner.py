@@ -31,6 +31,7 @@ def can_predict() -> bool:
 
 class CoreMlRunner(Runner):
     key = "coreml"
+    devices = ("cpu", "coreml")   # coreml:<compute units>, as benchmarks label it
     dists = ("coremltools",)
     extra = "coreml"
     option_choices = {"compute_units": tuple(COMPUTE_UNITS)}

@@ -18,7 +18,7 @@ import re
 import shlex
 from typing import Callable
 
-from ...adb import DeviceToolError
+from ...errors import DeviceToolError
 
 RUNTIME_DIST = "executorch"
 _NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"

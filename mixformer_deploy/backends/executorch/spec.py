@@ -110,6 +110,9 @@ class ExecuTorchSpec(BackendSpec):
     Options = ExecuTorchOptions
     versions = ("executorch", "torchao")
     description = "ExecuTorch .pte with the XNNPACK delegate (Android and iOS CPUs)"
+    title = "ExecuTorch"
+    runs_here = "executorch (XNNPACK)"
+    verified = "Linux x86 CPU"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "phone_bench"})
     phone_bench = "executor_runner"   # the on-device benchmark binary (phone.py drives it)
 

@@ -127,8 +127,13 @@ def kept_scopes(data: bytes, keeps: list[str], module: torch.nn.Module) -> list[
         if owner and kept_by(owner, keeps):
             kept.add(k)
     buffer_of = {i: t.buffer for i, t in enumerate(g.tensors) if t.buffer and _has_data(model.buffers[t.buffer])}
-    shared = {buffer_of[i] for k in kept for i in g.operators[k].inputs[1:] if i in buffer_of}
-    kept |= {k for k, op in enumerate(g.operators) if shared & {buffer_of.get(i) for i in op.inputs[1:]}}
+    constants = [{buffer_of[i] for i in op.inputs[1:] if i in buffer_of} for op in g.operators]
+    while True:   # to a fixed point: a user of a shared constant may share another one
+        shared = set().union(*(constants[k] for k in kept))
+        more = {k for k, c in enumerate(constants) if c & shared} - kept
+        if not more:
+            break
+        kept |= more
     return [";".join(text_of(g.tensors[i].name) for i in g.operators[k].outputs if i >= 0) + ";"
             for k in sorted(kept) if len(g.operators[k].outputs)]
 

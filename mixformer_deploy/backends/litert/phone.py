@@ -12,7 +12,7 @@ import re
 import shlex
 from typing import Callable
 
-from ...adb import DeviceToolError
+from ...errors import DeviceToolError
 
 RUNTIME_DIST = "ai-edge-litert"
 _NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"

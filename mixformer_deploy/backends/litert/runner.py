@@ -20,8 +20,6 @@ class LiteRtRunner(Runner):
     option_help = {"xnnpack": "true (default): the XNNPACK delegate; false: LiteRT's builtin kernels only"}
 
     def __init__(self, path: Path, device: str, threads: int | None, xnnpack: bool):
-        if device not in ("cpu", "auto"):
-            raise UsageError(f"litert runs on cpu here (XNNPACK), not {device!r}")
         interp = require("ai_edge_litert.interpreter", self.extra)
         self.path, self.device, self.threads = Path(path), "cpu", threads
         manifest = embedded_manifest(self.path) or {}  # ArtifactError for a file that is not a .tflite

@@ -110,6 +110,9 @@ class LiteRtSpec(BackendSpec):
     Options = LiteRtOptions
     versions = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")
     description = "LiteRT (TensorFlow Lite) .tflite with the XNNPACK delegate (Android, iOS, embedded CPUs)"
+    title = "LiteRT"
+    runs_here = "litert (XNNPACK)"
+    verified = "Linux x86 CPU"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "fp16",
                               "phone_bench"})
     phone_bench = "benchmark_model"   # the on-device benchmark binary (phone.py drives it)

@@ -14,6 +14,7 @@ from ..runner import Runner, packed
 
 class OnnxRuntimeRunner(Runner):
     key = "onnxruntime"
+    devices = ("cpu", "cuda")
     dists = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
     extra = "onnx"
 

@@ -46,6 +46,7 @@ def _device_name(core, device: str) -> str:
 
 class OpenVinoRunner(Runner):
     key = "openvino"
+    devices = ("cpu", "gpu")
     dists = ("openvino",)
     extra = "openvino"
     option_help = {

@@ -28,6 +28,7 @@ DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
 
 class TensorRtRunner(Runner):
     key = "tensorrt"
+    devices = ("cuda",)
     dists = DISTS
     extra = "tensorrt-runtime"
     option_help = {"device": "CUDA device index (default 0)"}

@@ -85,6 +85,7 @@ class CudaTimed:
 
 class TorchRunner(CudaTimed, Runner):
     key = "torch"
+    devices = ("cpu", "cuda")
     dists = ("torch",)
     option_help = {"precision": "fp32 or fp16 (fp16 needs CUDA)", "form": "reference or deploy",
                    "cuda_graphs": "on|off: replay from CUDA graphs, one per input shape (CUDA only; default on; "
