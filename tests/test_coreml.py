@@ -166,15 +166,6 @@ def test_the_rank_pass_is_removed_and_not_needed(artifacts):
         assert _inspect(artifacts[key][0])["max_rank"] <= 5
 
 
-def test_two_conversions_give_identical_bytes(deploy, artifacts, tmp_path):
-    again, _ = _export(deploy, tmp_path / "again.mlpackage")
-    first = artifacts["fp32"][0]
-    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    for f in files:
-        assert (first / f).read_bytes() == (again / f).read_bytes(), f
-
-
 # ---------------------------------------------------------------- the function, evaluated from the package
 
 def test_numpy_evaluation_of_the_program_matches_pytorch(artifacts, deploy):

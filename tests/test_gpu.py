@@ -127,7 +127,11 @@ def test_deploy_form_on_cuda_matches_cpu_reference(official_tiny, photo_batches,
     runner = TorchRunner(official_tiny, device="cuda", precision=precision, deploy=True, cuda_graphs=graphs)
     got = runner.run(x)
     assert got.dtype == np.float32 and rel_l2(got, want) <= tol
-    assert np.array_equal(runner.run(x), got) or not graphs   # a graph replays the same kernels
+    again = runner.run(x)
+    if graphs:  # a graph replays the same kernels: the same bits
+        assert np.array_equal(again, got)
+    else:       # eager may pick other kernels on a second call: the same numbers to the tolerance
+        assert rel_l2(again, want) <= tol
     runner.sync()
     times = runner.take_gpu_times()
     assert len(times) == 2 and all(t > 0 for t in times) and runner.take_gpu_times() == []

@@ -22,8 +22,8 @@ from .spec import BackendSpec
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mixformer_deploy.backends"
 ALIASES = {"trt": "tensorrt"}   # the spelling users type
-# Display and iteration order of the built-in backends; others (entry points) follow by name.
-ORDER = ("onnx", "openvino", "tensorrt", "coreml", "executorch", "litert", "aoti", "ncnn", "torch")
+# Display order: these first, then any other export target by name, then the runtimes that export nothing.
+ORDER = ("onnx", "openvino", "tensorrt", "coreml", "executorch", "litert", "aoti")
 
 __all__ = ["BackendSpec", "ENTRY_POINT_GROUP", "all_specs", "get_spec", "keys", "open_runner", "option_owners",
            "runner_class", "runtime_for", "runtime_keys", "spec_of_runtime"]
@@ -56,7 +56,7 @@ def _registry() -> dict[str, BackendSpec]:
             raise TypeError(f"two backends claim the key {spec.key!r}")
         found[spec.key] = spec
     rank = {k: i for i, k in enumerate(ORDER)}
-    return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+    return dict(sorted(found.items(), key=lambda kv: (not kv[1].exporter_name, rank.get(kv[0], len(ORDER)), kv[0])))
 
 
 def all_specs(exporting: bool = False) -> list[BackendSpec]:
