@@ -82,6 +82,26 @@ def backends(*capabilities: str, slow=None, where=None) -> list:
     return out or [pytest.param(None, id="none", marks=pytest.mark.skip(reason=f"no backend has {capabilities}"))]
 
 
+def selected(request, test: str) -> list[BackendSpec]:
+    """The backends this run selected for ``test`` (a fixture that serves them all at once, in one process,
+    makes only what will be asked for)."""
+    specs = {}
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
+        if item.originalname == test and spec is not None:
+            specs[spec.key] = spec
+    return list(specs.values())
+
+
+def exports_here(spec: BackendSpec, exported) -> bool:
+    """Whether the session's export of ``spec`` exists (a backend that cannot export: its test says why)."""
+    try:
+        exported(spec)
+        return True
+    except (Exception, pytest.skip.Exception, pytest.fail.Exception):
+        return False
+
+
 def missing(reason: str):
     """A missing package: skip here, fail under CI (a broken install never passes as skips)."""
     if os.environ.get("CI"):

@@ -37,7 +37,8 @@ def _corpus(spec, good: Path, root: Path) -> dict[str, Path]:
     p = corpus["zero-length"] = copy_artifact(good, place("zero-length"))
     for f in ([p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]):
         f.write_bytes(b"")
-    for percent in (1, 50, 99):   # the header alone, half, all but the tail (an interrupted copy)
+    # a file: its header alone, half, all but the tail (an interrupted copy); a directory: half its weights
+    for percent in ((50,) if spec.is_dir else (1, 50, 99)):
         p = corpus[f"truncated to {percent}%"] = copy_artifact(good, place(f"truncated-{percent}"))
         weights = _largest_file(p)
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * percent // 100])

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import backends
+from conftest import backends, exports_here, selected
 
 TEST = "test_running_an_artifact_never_imports_an_exporter"
 
@@ -56,18 +56,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def fresh_runs(request, exported, weights_of):
     """One fresh interpreter over the artifacts of every backend this run selected for the test."""
-    specs = {}
-    for item in request.session.items:
-        spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
-        if item.originalname == TEST and spec is not None:
-            specs[spec.key] = spec
-    jobs = []
-    for spec in specs.values():
-        try:
-            jobs.append({"key": spec.key, "package": spec.package, "path": str(exported(spec).path),
-                         "weights": str(weights_of(spec))})
-        except (Exception, pytest.skip.Exception, pytest.fail.Exception):
-            continue   # a backend that cannot export here: its own test says why
+    jobs = [{"key": spec.key, "package": spec.package, "path": str(exported(spec).path),
+             "weights": str(weights_of(spec))} for spec in selected(request, TEST) if exports_here(spec, exported)]
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
