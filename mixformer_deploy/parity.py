@@ -22,6 +22,7 @@ from . import data
 from .data import KEYWORD_INPUTS, RANDOM_COUNT, InputSet, fixed_batch, load_inputs, run_outputs, run_stages_batched
 from .errors import ArtifactError, InputFileError, UsageError
 from .numerics import rel_l2
+from .backends import runner_class, runtime_for
 from .backends.spec import FP32, INT8_PER_TENSOR, Tolerance
 
 log = logging.getLogger(__name__)
@@ -486,11 +487,12 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     manifest = artifact_manifest(artifact)
     runtime_options = _usable_runtime(artifact, runtime, runtime_options)
     warnings: list[str] = []
-    ref = (given_reference(weights_model, manifest) if weights_model is not None
-           else resolve_reference(artifact, manifest, weights, warnings))
-    sets, cached, cache_key = _input_sets(ref, manifest, inputs, random_count, accuracy_set, warnings)
-    reference, runner = _open_sides(ref, artifact, runtime, device, threads, runtime_options)
+    runner, reference = _open_artifact(artifact, runtime, device, threads, runtime_options), None
     try:
+        ref = (given_reference(weights_model, manifest) if weights_model is not None
+               else resolve_reference(artifact, manifest, weights, warnings))
+        sets, cached, cache_key = _input_sets(ref, manifest, inputs, random_count, accuracy_set, warnings)
+        reference = runner_class("torch")(ref.model)  # PyTorch eager float32 of the reference, on the CPU
         precision = getattr(runner, "precision", None) or manifest.get("precision") or "fp32"
         names, batch = output_names(manifest), fixed_batch(manifest)
         tol = _judging_tolerance(artifact, manifest, precision, len(names) > 1, atol, rtol, min_cosine)
@@ -505,7 +507,8 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
             _localize(report, runner, reference, sets, result.all_a, result.all_r, batch, tol)
     finally:
         runner.close()
-        reference.close()
+        if reference is not None:
+            reference.close()
     report.seconds = round(time.perf_counter() - start, 3)
     log.info("parity %s: max|a-r| %s, cosine %.8f", "passed" if report.passed else "FAILED",
              _g(result.overall.max_abs), result.overall.cosine)
@@ -515,9 +518,12 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
 def _usable_runtime(artifact: Path, runtime: str, options: dict | None) -> dict:
     """The runtime's options checked, and the runtime able to run here (Core ML on Linux is not), before
     any weights are read: a typo or a missing runtime is then the only error, and a quick one."""
-    from .backends import runner_class, runtime_for
+    from .artifact import target_of
     from .errors import MissingBackendError
 
+    spec = target_of(artifact)
+    if spec is not None:
+        spec.verify(artifact)  # a broken artifact is exit 4 even where its runtime cannot run (Core ML on Linux)
     runner_cls = runner_class(runtime_for(artifact) if runtime in (None, "auto") else runtime)
     options = runner_cls.check_options(options)
     status = runner_cls.status()
@@ -554,19 +560,12 @@ def _input_sets(ref: Reference, manifest: dict, inputs: Sequence[str] | None, ra
     return sets, {}, cache_key
 
 
-def _open_sides(ref: Reference, artifact: Path, runtime: str, device: str, threads: int | None, options: dict):
-    """(reference runner, artifact runner): PyTorch eager float32 of the reference function on the CPU, and
-    the artifact on the runtime and device asked for. The caller closes both; a failed open closes the first."""
+def _open_artifact(artifact: Path, runtime: str, device: str, threads: int | None, options: dict):
+    """The artifact on the runtime and device asked for, opened before any weights are read: a bad
+    artifact is then the only error line."""
     from .backends import open_runner
-    from .backends import runner_class
-    TorchRunner = runner_class("torch")  # the reference runtime, through the registry
 
-    reference = TorchRunner(ref.model)
-    try:
-        return reference, open_runner(artifact, runtime, device, threads=threads, options=options)
-    except BaseException:
-        reference.close()
-        raise
+    return open_runner(artifact, runtime, device, threads=threads, options=options)
 
 
 def _judging_tolerance(artifact: Path, manifest: dict, precision: str, backbone: bool, atol, rtol,

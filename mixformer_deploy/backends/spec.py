@@ -180,6 +180,15 @@ class BackendSpec:
         """The manifest embedded in an artifact, or None; raise ArtifactError if it is corrupt."""
         return None
 
+    def verify(self, path: Path) -> None:
+        """A cheap structural check of an artifact without its runtime (ArtifactError when it is broken):
+        by default, its embedded manifest reads. Formats whose files can be checked further override."""
+        from ..errors import ArtifactError
+
+        if not self.files(path):
+            raise ArtifactError(f"{Path(path).name}: no file of a {self.key} artifact there")
+        self.read_embedded(path)
+
     def inspect(self, path: Path) -> dict:
         """What is inside: inputs, outputs, op histogram, max rank, ops per precision, kept-fp32 ops."""
         return {"inputs": None, "outputs": None, "ops": None, "max_rank": None, "precisions": None,

@@ -286,6 +286,11 @@ class CoreMlSpec(BackendSpec):
     def read_embedded(self, path: Path) -> dict | None:
         return embedded_manifest(path)
 
+    def verify(self, path: Path) -> None:
+        """The program parses and every weight blob it references is there (coremltools reads the spec;
+        no prediction, so this runs on Linux too)."""
+        check_weights(Path(path), read_spec(Path(path)))
+
     def inspect(self, path: Path) -> dict:
         coremltools()
         path = Path(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..exporter import ExportContext, Exporter
-from .spec import MANIFEST
+from .spec import MANIFEST, sha256_file
 
 
 class NcnnExporter(Exporter):
@@ -21,7 +21,8 @@ class NcnnExporter(Exporter):
         ctx.tmp.mkdir(parents=True, exist_ok=True)
         net = convert(to_ncnn_form(deploy_model), (o.height, o.width), ctx.tmp, fp16=o.precision == "fp16")
         facts = {"input_shape": list(net.input_shape), "output_shapes": [list(s) for s in net.output_shapes],
-                 "output_blobs": net.output_blobs, "runs": "one image per extractor run (converted at batch 1)"}
+                 "output_blobs": net.output_blobs, "runs": "one image per extractor run (converted at batch 1)",
+                 "bin_sha256": sha256_file(net.bin)}
         ctx.manifest["ncnn"] = facts
         if o.precision == "fp16" and "precision_keeps" in ctx.manifest:
             ctx.manifest["precision_keeps"]["applied"] = False  # ncnn's param format has no per-layer keep

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import ArtifactError, UsageError
+from ...errors import ArtifactError
 from ...optional import require
 from ...quiet import captured
 from ..runner import Runner
-from .spec import INPUT_BLOB, artifact_files, embedded_manifest, output_blob
+from .spec import INPUT_BLOB, artifact_files, check_weights, embedded_manifest, output_blob
 
 
 def log_tail(log: str, lines: int = 8) -> str:
@@ -67,6 +67,7 @@ class NcnnRunner(Runner):
 
     def __init__(self, path: Path, threads: int | None):
         self.path, self.threads = Path(path), threads
+        check_weights(self.path)
         param, weights = artifact_files(self.path)
         manifest = embedded_manifest(self.path) or {}
         shapes = (manifest.get("ncnn") or {}).get("output_shapes")

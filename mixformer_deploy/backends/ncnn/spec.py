@@ -7,6 +7,7 @@ manifest is embedded as a file of the directory.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ...errors import ArtifactError
@@ -35,6 +36,23 @@ def artifact_files(path: Path) -> tuple[Path, Path]:
     if magic != b"7767517":
         raise ArtifactError(f"{path.name}: {PARAM} is not an ncnn param file (bad magic)")
     return param, weights
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_weights(path: Path) -> None:
+    """The .bin is the one the export wrote: its sha256 is in the manifest (ncnn reads a truncated or
+    altered .bin without complaint)."""
+    _, weights = artifact_files(path)
+    recorded = ((embedded_manifest(path) or {}).get("ncnn") or {}).get("bin_sha256")
+    if recorded and sha256_file(weights) != recorded:
+        raise ArtifactError(f"{Path(path).name}: {BIN} does not match its manifest's sha256 (truncated or altered)")
 
 
 def embedded_manifest(path: Path) -> dict | None:
@@ -73,12 +91,16 @@ class NcnnSpec(BackendSpec):
     title = "ncnn"
     runs_here = "ncnn (fp16: weights stored in half precision; x86 computes in fp32)"
     verified = "Linux x86 CPU"
-    capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
+    capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest", "fp16", "checksum"})
 
     def read_embedded(self, path: Path) -> dict | None:
         return embedded_manifest(path)
 
+    def verify(self, path: Path) -> None:
+        check_weights(path)
+
     def inspect(self, path: Path) -> dict:
+        check_weights(path)
         param, _ = artifact_files(path)
         ops = param_ops(param)
         manifest = embedded_manifest(path) or {}
@@ -87,8 +109,10 @@ class NcnnSpec(BackendSpec):
                    for b, s in zip(net.get("output_blobs") or [], net.get("output_shapes") or [])]
         return {"format": "ncnn", "inputs": [{"name": INPUT_BLOB, "dtype": "fp32", "shape": net.get("input_shape")}],
                 "outputs": outputs, "ops": ops, "nodes": sum(ops.values()), "max_rank": 4,
-                "precisions": None, "kept_fp32": [],
-                "note": "weights stored in fp16; per-layer float32 keeps are not expressible in ncnn's param format"
+                # ncnn computes in float32 unless the CPU has fp16 arithmetic (ARMv8.2) and the net opts in
+                "precisions": {"fp32": sum(ops.values())}, "kept_fp32": [],
+                "note": "weights stored in fp16, arithmetic in fp32 (fp16 where the CPU has fp16 arithmetic); "
+                        "per-layer float32 keeps are not expressible in ncnn's param format"
                 if manifest.get("precision") == "fp16" else None}
 
 
