@@ -111,6 +111,7 @@ def test_table_row_per_target_and_summary_path_last(tmp_path):
     assert not list(out.glob("*.failed"))
 
 
+@pytest.mark.slow  # every target again (~22 s on 2 cores); the table test above covers the default run
 def test_json_alone_on_stdout_and_exit_1_when_a_gate_fails(tmp_path, monkeypatch):
     """A tolerance no artifact can meet (atol = rtol = 0, cosine 1) for ONNX fp16: that row fails its gate and
     the command exits 1 after the others are exported; stdout is the JSON document alone."""
