@@ -265,7 +265,9 @@ def _write_gate_publish(job: _Job, output, head: str, inputs, accuracy_set, max_
     tmp = temp_path(final)
     result = ExportResult(final, manifest)
     try:
-        spec.exporter().export(job.deploy, ExportContext(final, tmp, o, manifest))
+        facts = spec.exporter().export(job.deploy, ExportContext(final, tmp, o, manifest)) or {}
+        for key, value in facts.items():  # what the exporter learnt, in the sidecar where it did not embed it
+            manifest.setdefault(key, value)
         manifest["size_bytes"] = sum(f.stat().st_size for f in spec.files(tmp))
         write_json(sidecar_path(tmp), manifest)  # a temporary already: its name carries the pid
         if job.check:

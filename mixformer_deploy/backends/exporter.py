@@ -76,7 +76,7 @@ class Exporter(ABC):
     @abstractmethod
     def export(self, deploy_model: torch.nn.Module, ctx: ExportContext) -> dict:
         """Write the artifact to ``ctx.tmp`` with ``ctx.manifest`` embedded where the format allows.
-        Returns facts the caller adds to the manifest (may be empty)."""
+        Returns facts about what was written; the caller adds those the manifest lacks to the sidecar."""
 
     def follow_up(self, final: Path, options: ExportOptions) -> FollowUp | None:
         """A second step once the artifact is published (None: there is none)."""
