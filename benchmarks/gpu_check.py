@@ -235,11 +235,11 @@ def judge(name: str, runner, precision: str, target: str, x, labels, reference) 
     precision, per input, and the shared accuracy gate (fp32: no extra error; fp16: at most 1)."""
     from mixformer_deploy.data import run_batched
     from mixformer_deploy.parity import accuracy_gate, compare_outputs
-    from mixformer_deploy.backends import get_target
+    from mixformer_deploy.backends import get_spec
 
     t0 = time.perf_counter()
     logits = run_batched(runner, x, getattr(runner, "fixed_batch", None), PARITY_CHUNK)
-    tol = get_target(target).tolerance(precision)
+    tol = get_spec(target).tolerance(precision)
     m = compare_outputs(logits, reference, tol, labels=labels)
     gate = accuracy_gate("held-out digits", logits, reference, labels, precision, True, None)
     failures = m.failures(tol) + ([] if gate.passed else [

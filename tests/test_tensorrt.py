@@ -383,8 +383,6 @@ def _calibration_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(NO_ENGINE is None, reason="TensorRT and a GPU are here: the export builds the engine")
 def test_export_cli_writes_the_onnx_prints_trtexec_and_exits_3(tiny_weights, tmp_path):
-    if not _export_cli_hooks_follow_up():
-        pytest.skip("the export CLI does not call Exporter.follow_up yet (lead's integration)")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mixformer_deploy", "export", "--target", "trt", "--weights", str(tiny_weights),
             "--img-size", str(SIZE), "--precision", "fp16", "--output", str(out), "--variant", "auto"]
