@@ -9,6 +9,7 @@ complete or not at all (built under a temporary name that carries the writer's p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,15 @@ from .errors import ArtifactError
 
 SCHEMA = "mixformer-deploy/manifest/1"
 TMP_MARK = ".partial"
+
+
+def sha256_file(path: str | Path) -> str:
+    """A file's sha256, read in 1 MiB chunks (weights files, an artifact's weight blobs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def sidecar_path(artifact: str | Path) -> Path:

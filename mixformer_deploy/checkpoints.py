@@ -8,7 +8,6 @@ derived buffers are dropped (and recomputed by the model), and loading is strict
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifact import sha256_file
 from .errors import CheckpointError
 from .model import MixFormer, MixFormerConfig, name_of
 
@@ -36,14 +36,6 @@ _CLASSIFIER = ("norm.", "last_proj.", "head.")          # what a backbone-only c
 _OUT_NORM = re.compile(r"norm\d+\.(weight|bias)$")      # per-output LayerNorms of detection backbones
 # torch.save(..., _use_new_zipfile_serialization=False) opens with this pickled magic number
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- reading raw files

@@ -485,7 +485,7 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     start = time.perf_counter()
     artifact = Path(artifact)
     manifest = artifact_manifest(artifact)
-    runtime_options = _usable_runtime(artifact, runtime, runtime_options)
+    runtime, runtime_options = _usable_runtime(artifact, runtime, runtime_options)
     warnings: list[str] = []
     runner, reference = _open_artifact(artifact, runtime, device, threads, runtime_options), None
     try:
@@ -515,21 +515,23 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     return report
 
 
-def _usable_runtime(artifact: Path, runtime: str, options: dict | None) -> dict:
-    """The runtime's options checked, and the runtime able to run here (Core ML on Linux is not), before
-    any weights are read: a typo or a missing runtime is then the only error, and a quick one."""
+def _usable_runtime(artifact: Path, runtime: str, options: dict | None) -> tuple[str, dict]:
+    """(the runtime's key, its options checked), the runtime able to run here (Core ML on Linux is not),
+    before any weights are read: a typo or a missing runtime is then the only error, and a quick one."""
     from .artifact import target_of
     from .errors import MissingBackendError
 
     spec = target_of(artifact)
     if spec is not None:
         spec.verify(artifact)  # a broken artifact is exit 4 even where its runtime cannot run (Core ML on Linux)
-    runner_cls = runner_class(runtime_for(artifact) if runtime in (None, "auto") else runtime)
+    if runtime in (None, "auto"):  # the artifact's own runtime (its manifest was just read: not again)
+        runtime = spec.runtime_for(artifact) if spec is not None else runtime_for(artifact)
+    runner_cls = runner_class(runtime)
     options = runner_cls.check_options(options)
     status = runner_cls.status()
     if not status.get("can_run", True):
         raise MissingBackendError(status.get("reason") or status.get("note") or f"the {runner_cls.key} runtime cannot run here")
-    return options
+    return runtime, options
 
 
 def _input_sets(ref: Reference, manifest: dict, inputs: Sequence[str] | None, random_count: int,

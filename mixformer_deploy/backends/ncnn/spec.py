@@ -7,9 +7,9 @@ manifest is embedded as a file of the directory.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from ...artifact import sha256_file
 from ...errors import ArtifactError
 from ...manifest import parse_embedded
 from ..spec import FP16, FP32, BackendSpec
@@ -36,14 +36,6 @@ def artifact_files(path: Path) -> tuple[Path, Path]:
     if magic != b"7767517":
         raise ArtifactError(f"{path.name}: {PARAM} is not an ncnn param file (bad magic)")
     return param, weights
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_weights(path: Path) -> None:

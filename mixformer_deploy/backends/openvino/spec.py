@@ -4,13 +4,13 @@ check that the .bin is the one written with the .xml. ``inspect`` alone loads th
 
 from __future__ import annotations
 
-import hashlib
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...artifact import sha256_file
 from ...errors import ArtifactError, MissingBackendError, UsageError, one_line
 from ...manifest import parse_embedded
 from ...optional import require, version_of
@@ -48,14 +48,6 @@ def read_rt_info(path: Path) -> dict[str, str]:
     if section is None:
         return {}
     return {child.tag: child.get("value", "") for child in section}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_weights(path: Path) -> None:
