@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "mixformer-deploy/manifest/1"
 TMP_MARK = ".partial"
@@ -135,6 +138,19 @@ def read_sidecar(artifact: Path) -> dict | None:
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{side.name}: unreadable manifest ({type(e).__name__})") from e
     return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+
+
+def resolve_artifact(path: str | Path) -> Path:
+    """A file inside a directory artifact (an OpenVINO IR's model.xml, what OpenVINO users call "the IR")
+    stands for that directory: every reader takes the directory. Anything else is returned unchanged."""
+    from .backends import all_specs
+
+    path = Path(path)
+    parent = path.parent
+    if path.is_file() and any(s.is_dir and s.owns(parent) for s in all_specs(exporting=True)):
+        log.info("%s is a file of the artifact %s: reading the artifact", path.name, parent.name)
+        return parent
+    return path
 
 
 def target_of(artifact: str | Path):

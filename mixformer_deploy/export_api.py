@@ -265,7 +265,8 @@ def _write_gate_publish(job: _Job, output, head: str, inputs, accuracy_set, max_
     tmp = temp_path(final)
     result = ExportResult(final, manifest)
     try:
-        facts = spec.exporter().export(job.deploy, ExportContext(final, tmp, o, manifest)) or {}
+        with spec.quietly(" converter"):
+            facts = spec.exporter().export(job.deploy, ExportContext(final, tmp, o, manifest)) or {}
         for key, value in facts.items():  # what the exporter learnt, in the sidecar where it did not embed it
             manifest.setdefault(key, value)
         manifest["size_bytes"] = sum(f.stat().st_size for f in spec.files(tmp))

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import data
 from .data import KEYWORD_INPUTS, RANDOM_COUNT, InputSet, fixed_batch, load_inputs, run_outputs, run_stages_batched
+from .artifact import resolve_artifact
 from .errors import ArtifactError, InputFileError, UsageError
 from .numerics import rel_l2
 from .backends import runner_class, runtime_for
@@ -483,7 +484,7 @@ def check_parity(artifact: str | Path, weights: str | Path | None = None, inputs
     a failed comparison is not an error here: read ``report.passed``.
     """
     start = time.perf_counter()
-    artifact = Path(artifact)
+    artifact = resolve_artifact(artifact)
     manifest = artifact_manifest(artifact)
     runtime, runtime_options = _usable_runtime(artifact, runtime, runtime_options)
     warnings: list[str] = []

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
+from .artifact import resolve_artifact
 from .errors import UsageError
 from .quiet import held_back
 
@@ -21,7 +22,7 @@ def classify(source: Path, images: list[Path], runtime: str = "auto", device: st
     from .backends import open_runner
     from .parity import artifact_manifest
 
-    source = Path(source)
+    source = resolve_artifact(source)
     # the images, the runtime and its device first: a bad one is the only line, nothing printed before it
     raw = [data.read_image(p) for p in images]
     with held_back("mixformer_deploy.checkpoints"):  # reported once, by artifact_manifest below
@@ -35,11 +36,22 @@ def classify(source: Path, images: list[Path], runtime: str = "auto", device: st
         if manifest.get("seed") is not None and not (manifest.get("weights") or {}).get("sha256"):
             log.warning("this artifact holds seeded random weights (seed %s): its predictions mean nothing",
                         manifest["seed"])
+        _warn_resized(images, raw, height, width)
         x = np.stack([data.preprocess(img, height, width, prep) for img in raw])
         probs = _softmax(data.run_batched(runner, x, data.fixed_batch(manifest)))
     finally:
         runner.close()
     return [{"image": str(path), "top": _top_classes(p, top, manifest.get("labels"))} for path, p in zip(images, probs)]
+
+
+def _warn_resized(images: list[Path], raw: list[np.ndarray], height: int, width: int) -> None:
+    """One warning naming every image whose size is not the model's: a resized photo (or a 1x1 icon) still
+    gets confident classes, which is worth knowing."""
+    odd = [f"{Path(p).name} {img.shape[0]}x{img.shape[1]}" for p, img in zip(images, raw)
+           if tuple(img.shape[:2]) != (height, width)]
+    if odd:
+        shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        log.warning("resized to the model's %dx%d (height x width): %s", height, width, shown)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -73,7 +73,9 @@ def get_spec(key: str) -> BackendSpec:
     key = ALIASES.get(key.lower(), key.lower())
     spec = _registry().get(key)
     if spec is None or not spec.exporter_name:
-        raise UsageError(f"unknown target {key!r}: choose one of {', '.join(keys())}")
+        aliases = ", ".join(f"{a} (= {k})" for a, k in ALIASES.items())
+        raise UsageError(f"unknown target {key!r}: choose one of {', '.join(keys())}, {aliases}, "
+                         "or all (export: every target)")
     return spec
 
 
@@ -124,5 +126,7 @@ def runtime_for(artifact: str | Path) -> str:
 def open_runner(artifact: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None,
                 options: dict[str, str] | None = None):
     key = runtime_for(artifact) if runtime in (None, "auto") else runtime
-    cls = runner_class(key)
-    return cls.load(artifact, device=cls.check_device(device), threads=threads, options=cls.check_options(options))
+    with spec_of_runtime(key).quietly(" runtime"):  # importing and loading print: library probes, banners
+        cls = runner_class(key)
+        return cls.load(artifact, device=cls.check_device(device), threads=threads,
+                        options=cls.check_options(options))

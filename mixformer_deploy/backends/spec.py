@@ -132,6 +132,9 @@ class BackendSpec:
     # What the conformance suite may ask of it: "int8", "reproducible" (same bytes twice), "backbone",
     # "phone_bench", "inspect", "embedded_manifest", "checksum" (a flipped weight byte is detected).
     capabilities: frozenset[str] = frozenset()
+    # Lines of the converter's or runtime's captured output that a user must see (regular expressions):
+    # its own errors and accuracy warnings, shown as one warning each; the rest only with --debug.
+    notable: tuple[str, ...] = (r"^(ERROR|Error|error)\b", r"(?i)\baccuracy\b")
 
     @property
     def package(self) -> str:
@@ -146,6 +149,12 @@ class BackendSpec:
         if not self.exporter_name:
             raise UsageError(f"{self.key} exports nothing (it is a runtime only)")
         return getattr(importlib.import_module(f"{self.package}.export"), self.exporter_name)(self)
+
+    def quietly(self, doing: str = ""):
+        """``captured`` for this backend's converter or runtime: its output off our stdout and stderr,
+        its notable lines as warnings (see quiet.py)."""
+        from ..quiet import captured
+        return captured(f"{self.title or self.key}{doing}", fds=True, notable=self.notable)
 
     def runner_class(self, runtime: str | None = None):
         """The runner class of ``runtime`` (default: the one that runs this backend's artifacts, which may

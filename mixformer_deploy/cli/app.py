@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import MixformerDeployError, one_line
+from ..quiet import log_stream
 
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
 INTERNAL_EXIT = 70
@@ -107,7 +108,7 @@ def _root(
 ):
     _state["debug"], _state["quiet"] = debug, quiet
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format="%(message)s", stream=log_stream(), force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch", "onnxslim", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -14,8 +14,9 @@ from .app import app, console as make_console
 
 
 def inspect_artifact(path: Path) -> dict:
-    from ..artifact import read_manifest, size_bytes, target_of
+    from ..artifact import read_manifest, resolve_artifact, size_bytes, target_of
 
+    path = resolve_artifact(path)
     if not path.exists():
         raise ArtifactError(f"artifact not found: {path}")
     target = target_of(path)
@@ -26,7 +27,19 @@ def inspect_artifact(path: Path) -> dict:
         manifest = read_manifest(path)
     except ArtifactError:
         manifest = None
-    return {"artifact": str(path), "target": target.key, "size_bytes": size_bytes(path), **facts, "manifest": manifest}
+    return {"artifact": str(path), "target": target.key, "size_bytes": size_bytes(path), **facts,
+            **_float32_split(facts.get("kept_fp32") or [], manifest), "manifest": manifest}
+
+
+def _float32_split(fp32_modules: list[str], manifest: dict | None) -> dict:
+    """The float32 modules of a reduced-precision artifact in two kinds: kept by a rule (the manifest's
+    resolved keeps: LayerNorms, attention logits, pool, head, --keep-fp32) and merely not quantized (the
+    backend's choice, e.g. an int8 Add); one list of both would blame the rules for the backend's choices."""
+    if not fp32_modules:
+        return {}
+    kept = ((manifest or {}).get("precision_keeps") or {}).get("modules") or []
+    by_rule = [m for m in fp32_modules if any(m == k or m.startswith(k + ".") for k in kept)]
+    return {"fp32_kept_by_rule": by_rule, "fp32_other": [m for m in fp32_modules if m not in by_rule]}
 
 
 @app.command("inspect", rich_help_panel="Verify")
@@ -41,17 +54,19 @@ def inspect_cmd(
         return
     console = make_console()
     m = info.get("manifest") or {}
+    rank = f"  max rank {info['max_rank']}" if info.get("max_rank") is not None else ""
     console.print(f"[bold]{artifact.name}[/bold]  target {info['target']}  {info['size_bytes'] / 2**20:.2f} MiB  "
-                  f"precision {m.get('precision', '?')}  max rank {info.get('max_rank')}")
+                  f"precision {m.get('precision', '?')}{rank}")
     for kind in ("inputs", "outputs"):
         for io in info.get(kind) or []:
             facts = (io.get("name"), io.get("dtype"), io.get("shape"))
             console.print(f"{kind[:-1]}: " + " ".join(str(v) for v in facts if v is not None))
     if info.get("precisions"):
         console.print("ops per precision: " + ", ".join(f"{k} {v}" for k, v in info["precisions"].items()))
-    if info.get("kept_fp32"):
-        console.print(f"kept in float32 ({len(info['kept_fp32'])}): " + ", ".join(info["kept_fp32"][:12])
-                      + (" ..." if len(info["kept_fp32"]) > 12 else ""))
+    for key, what in (("fp32_kept_by_rule", "kept in float32 by rule"), ("fp32_other", "float32, not quantized")):
+        if info.get(key):
+            console.print(f"{what} ({len(info[key])}): " + ", ".join(info[key][:12])
+                          + (" ..." if len(info[key]) > 12 else ""))
     ops = info.get("ops") or {}
     if any(isinstance(v, dict) or v is None for v in ops.values()):
         # grouped histograms (ExecuTorch: ops inside the delegate and ops left on portable kernels)

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from ...deploy.precision import kept_by
-from ...quiet import captured
 from ...errors import ArtifactError, ExportError, UsageError, one_line
 from ...manifest import EMBED_KEY
 from ..exporter import ExportContext, Exporter, ExportOptions
@@ -59,10 +58,6 @@ IMAGE_INPUT = "image"
 CLASS_LABEL, PROBABILITIES = "classLabel", "classLabel_probs"
 MAX_BATCH = 1024   # the upper bound of a dynamic batch axis
 
-
-def _quiet():
-    """coremltools draws tqdm progress bars on stderr and warns freely; the CLI promises one line."""
-    return captured("coremltools")
 
 
 def pass_pipeline():
@@ -191,7 +186,7 @@ def _torch_export(deploy_model, options: ExportOptions, plan: _Plan):
     example = torch.zeros(options.batch or 2, 3, options.height, options.width)
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}} if options.batch is None else None
     try:
-        with _quiet(), torch.no_grad():
+        with torch.no_grad():
             return torch.export.export(form, (example,), dynamic_shapes=dynamic).run_decompositions({})
     except Exception as e:
         raise ExportError(f"torch.export of the deploy form failed: {one_line(e)}") from e
@@ -225,10 +220,9 @@ def _convert(ct, program, options: ExportOptions, plan: _Plan, features: dict):
     else:
         precision = ct.precision.FLOAT32
     try:
-        with _quiet():
-            model = ct.convert(program, convert_to="mlprogram", compute_precision=precision,
-                               minimum_deployment_target=getattr(ct.target, plan.target_name.replace(".", "_")),
-                               pass_pipeline=pass_pipeline(), skip_model_load=True, **features)
+        model = ct.convert(program, convert_to="mlprogram", compute_precision=precision,
+                           minimum_deployment_target=getattr(ct.target, plan.target_name.replace(".", "_")),
+                           pass_pipeline=pass_pipeline(), skip_model_load=True, **features)
     except Exception as e:
         _too_old(e, plan.target_name)
         raise ExportError(f"coremltools conversion failed: {one_line(e)}") from e
@@ -318,8 +312,7 @@ def _describe(model, manifest: dict, image: bool, classifier: bool) -> None:
 def _save(model, out: Path) -> None:
     """Save the package, make its bytes reproducible and check that it reads back."""
     try:
-        with _quiet():
-            model.save(str(out))
+        model.save(str(out))
     except Exception as e:
         raise ExportError(f"coremltools could not save the package: {one_line(e)}") from e
     _make_reproducible(out, model.get_spec())

@@ -121,13 +121,14 @@ def _fed_by_fq(op) -> bool:
 
 
 def _op_precisions(ops) -> tuple[Counter, Counter]:
-    """Compute ops per precision (FakeQuantize counted apart), and the fp32 heavy ops per module."""
+    """Compute ops per precision (FakeQuantize counted under its own name), and the fp32 heavy ops per
+    module."""
     per_precision: Counter = Counter()
     fp32_heavy: Counter = Counter()
     for op in ops:
         t = op.get_type_name()
-        if t == "FakeQuantize":
-            per_precision["int8 (FakeQuantize)"] += 1
+        if t == "FakeQuantize":  # the quantization itself, not an op that computes in a precision
+            per_precision["FakeQuantize"] += 1
             continue
         if t in STRUCTURAL:
             continue
