@@ -29,10 +29,20 @@ def _table(headers, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _comparison(table: dict) -> list[str]:
+    """The fleet's comparison table (reports.fleet.comparison) with its explanation."""
+    from .fleet import COMPARISON_INTRO
+
+    return ["<h2>Machines side by side</h2>", f"<p>{_inline(COMPARISON_INTRO)}</p>",
+            _table(table["headers"], table["rows"])]
+
+
 def render_html(secs: list[dict], plots: dict[str, Path] | None = None,
-                title: str = "MixFormer latency report") -> str:
+                title: str = "MixFormer latency report", comparison: dict | None = None) -> str:
+    """The report page: intro, the comparison table when given, one section per machine, embedded plots."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1><p>{_inline(INTRO)}</p>"]
+    parts += _comparison(comparison) if comparison else []
     for s in secs:
         parts.append(f"<h2>{escape(s['title'])}</h2>")
         parts.append(_table(["", ""], s["facts"]))
@@ -54,4 +64,7 @@ def render_html(secs: list[dict], plots: dict[str, Path] | None = None,
 
 
 def bench_html(docs: list[dict], plots: dict[str, Path] | None = None) -> str:
-    return render_html(sections(docs), plots)
+    """The page for one or several documents; several also get the comparison table (see bench_markdown)."""
+    from .fleet import comparison
+
+    return render_html(sections(docs), plots, comparison=comparison(docs) if len(docs) > 1 else None)

@@ -75,6 +75,11 @@ def _facts(group: list[dict]) -> list[tuple[str, str]]:
              ("GPU", f"{gpu['model']} (driver {gpu.get('driver') or '?'})" if gpu else "–"),
              ("OS / Python", f"{env['os']} / {env.get('python') or '–'}"), ("Backends", backends or "–"),
              ("mixformer-deploy", env["tool_version"]), ("Run", "; ".join(dict.fromkeys(_run(d) for d in group)))]
+    replayed = [p for p in (d.get("provenance") for d in group)
+                if isinstance(p, dict) and p.get("kind", "replayed") != "measured"]
+    if replayed:  # never let a replayed tool output pass for a measurement
+        facts.insert(0, ("Source", "; ".join(dict.fromkeys(
+            f"{p.get('kind', 'replayed')}: {p.get('note') or 'not a measurement'}" for p in replayed))))
     m = (doc.get("floor") or {}).get("matmul")
     if m:
         facts.append(("float32 matmul", f"{m['gflops']:.1f} GFLOP/s ({m['n']}x{m['n']}, threads: {m['threads']}, "
@@ -127,8 +132,9 @@ INTRO = ("Latency in milliseconds (p50/p90/p99 over every timed iteration, each 
 
 
 def render_markdown(secs: list[dict], plots: dict[str, str] | None = None,
-                    title: str = "MixFormer latency report") -> str:
-    lines = [f"# {title}", "", INTRO, ""]
+                    title: str = "MixFormer latency report", comparison: str | None = None) -> str:
+    """The report: intro, the fleet comparison (Markdown from reports.fleet) when given, one section per machine."""
+    lines = [f"# {title}", "", INTRO, ""] + ([comparison] if comparison else [])
     for s in secs:
         lines += [f"## {s['title']}", "", *_table(["", ""], [[k, v] for k, v in s["facts"]]), "",
                   *_table(s["headers"], s["rows"]), ""]
@@ -145,5 +151,8 @@ def render_markdown(secs: list[dict], plots: dict[str, str] | None = None,
 
 
 def bench_markdown(docs: list[dict], plots: dict[str, str] | None = None) -> str:
-    """Markdown for one or several result documents (merged by machine)."""
-    return render_markdown(sections(docs), plots)
+    """Markdown for one or several result documents (merged by machine); several documents also get the
+    comparison table with a row per (machine, artifact), which one document's section already is."""
+    from .fleet import comparison_markdown
+
+    return render_markdown(sections(docs), plots, comparison=comparison_markdown(docs) if len(docs) > 1 else None)
