@@ -18,8 +18,11 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +35,13 @@ from .errors import InputFileError, InternalError, MixformerDeployError, UsageEr
 log = logging.getLogger(__name__)
 
 REFERENCE_NAME = "torch eager reference"
+
+# Test-only: MIXFORMER_DEPLOY_TEST_HOLD=<phase>[:seconds] prints "test hold: <phase>" to stderr when a
+# process reaches that phase, then sleeps there (default 30 s), so that a test can send SIGINT at a known
+# point. Phases: start (each worker, before it has set anything up), timing (the parent, before the first
+# timed round), end (each worker, closing after the run), write (`bench`, between its output files).
+# Never set outside tests; it changes no result.
+TEST_HOLD_ENV = "MIXFORMER_DEPLOY_TEST_HOLD"
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,43 @@ def _unique_names(subjects: list[Subject]) -> list[Subject]:
     return out
 
 
+def hold_for_test(phase: str) -> None:
+    """The test-only hold of TEST_HOLD_ENV (see there): a marker on stderr, then a sleep, in ``phase``."""
+    wanted, _, seconds = os.environ.get(TEST_HOLD_ENV, "").partition(":")
+    if wanted == phase:
+        _say(f"test hold: {phase}\n")
+        end = time.monotonic() + float(seconds or 30)
+        while time.monotonic() < end:   # in slices: the kernel may hand SIGINT to another of our threads, and
+            time.sleep(0.05)            # only a wake-up lets the main thread raise KeyboardInterrupt
+
+
+def _say(line: str) -> None:
+    """A line on stderr in one write(2), whole even if the process is killed right after."""
+    try:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), line.encode())
+    except (AttributeError, OSError, ValueError):   # an in-memory stream (CliRunner)
+        print(line, end="", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def sigint_blocked():
+    """SIGINT held pending (POSIX) while this block runs, delivered when it ends.
+
+    Around a worker's start, so that the spawned process inherits the blocked signal: a terminal's Ctrl-C
+    reaches every process of its group, and a worker still importing would print a traceback. Around the
+    reaping, so that a second Ctrl-C cannot leave a worker behind. Elsewhere (Windows, no pthread_sigmask)
+    a no-op: the worker then ignores SIGINT as soon as it runs (``_worker_main``)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 # ---------------------------------------------------------------- the worker process
 
 def _open(subject: Subject):
@@ -232,8 +279,24 @@ def _warm_up(runner, x: np.ndarray, seconds: float, min_iters: int) -> list[int]
     return times
 
 
+def _ignore_sigint() -> None:
+    """Ctrl-C is the parent's to handle (it reaps the workers): a worker never raises KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _quietly(action: Callable[[], object]) -> None:
+    """A pipe operation whose failure means only that the parent is gone: nothing left to tell it."""
+    try:
+        action()
+    except (OSError, EOFError, ValueError):
+        pass
+
+
 def _worker_main(conn, subject: Subject) -> None:
     """Serve the parent's commands until "close"; errors go back as (type name, message)."""
+    hold_for_test("start")
+    _ignore_sigint()
     from .data import random_inputs
 
     runner, x, seed = None, None, 0
@@ -277,11 +340,12 @@ def _worker_main(conn, subject: Subject) -> None:
         name = type(e).__name__ if isinstance(e, MixformerDeployError) else "InternalError"
         text = str(e) if isinstance(e, MixformerDeployError) else (f"internal error in the benchmark worker: "
                                                                    f"{type(e).__name__}: {e} (rerun with --debug)")
-        conn.send(("error", name, " ".join(text.split())[:500]))
+        _quietly(lambda: conn.send(("error", name, " ".join(text.split())[:500])))
     finally:
+        hold_for_test("end")
         if runner is not None:
             runner.close()
-        conn.close()
+        _quietly(conn.close)
 
 
 def worker_died(name: str, exitcode: int | None) -> InternalError:
@@ -300,15 +364,37 @@ def worker_error(type_name: str, message: str) -> MixformerDeployError:
     return cls(message)
 
 
-class _Worker:
-    """The parent's handle on one worker process."""
+def _join(proc, timeout: float) -> None:
+    """``proc.join(timeout)`` in short slices: the kernel may hand a Ctrl-C to another thread of ours, and
+    only a wake-up lets the main thread raise KeyboardInterrupt (at most 0.1 s late, not ``timeout``)."""
+    end = time.monotonic() + timeout
+    while proc.is_alive() and time.monotonic() < end:
+        proc.join(min(0.1, max(0.0, end - time.monotonic())))
 
-    def __init__(self, ctx, subject: Subject):
+
+def _tracker_running() -> None:
+    """multiprocessing's resource tracker started now: the first spawn starts it, and unblocks SIGINT
+    after doing so (Python 3.8-3.13), which would undo our block for that very worker."""
+    if hasattr(signal, "pthread_sigmask"):
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
+
+
+class _Worker:
+    """The parent's handle on one worker process (``start`` it; ``close`` or, after Ctrl-C, ``reap`` it)."""
+
+    def __init__(self, ctx, subject: Subject, start: bool = True):
         self.subject = subject
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, subject), daemon=True)
-        self.proc.start()
-        child.close()
+        self.conn, self._child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(self._child, subject), daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        _tracker_running()
+        with sigint_blocked():   # inherited: the spawned interpreter never sees the terminal's Ctrl-C
+            self.proc.start()
+            self._child.close()
 
     def call(self, *message):
         try:
@@ -325,15 +411,31 @@ class _Worker:
         return reply[0]
 
     def close(self) -> None:
+        if self.proc.pid is None:   # never started
+            return self.reap()
         try:
             self.conn.send(("close",))
         except (OSError, BrokenPipeError):
             pass
-        self.proc.join(10)
+        _join(self.proc, 10)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
         self.conn.close()
+        self._child.close()
+
+    def reap(self, timeout: float = 5.0) -> None:
+        """End the worker without a word (after Ctrl-C the pipe may hold half a message): SIGTERM, then
+        SIGKILL if it has not gone within ``timeout``."""
+        if self.proc.pid is not None:
+            if self.proc.is_alive():
+                self.proc.terminate()
+            _join(self.proc, timeout)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(timeout)
+        self.conn.close()
+        self._child.close()
 
 
 # ---------------------------------------------------------------- statistics
@@ -450,6 +552,8 @@ def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Cal
         tick(progress)
         if progress >= 1.0:
             break
+        if not any(samples.values()):
+            hold_for_test("timing")
         for w in order:
             k = max(1, min(100_000, int(policy.round_seconds * 1e9 / max(est[w], 1.0))))
             times, gpu_ms = w.call("run", k)
@@ -459,6 +563,14 @@ def _measure_batch(workers: list[_Worker], batch: int, policy: Policy, tick: Cal
             est[w] = float(np.median(times))
         order = order[1:] + order[:1]  # rotate, so no subject always runs right after the same one
     return {w: (first[w], samples[w], rounds[w], gpu[w]) for w in workers}
+
+
+def percent_pair(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` as percentages, ``value`` with as many decimals (up to 3) as it takes not to
+    read as the limit it exceeds: "10.4%" against "10%", never "10%" > "10%"."""
+    v, lim = value * 100, limit * 100
+    decimals = next((d for d in range(3) if round(v, d) != round(lim, d)), 3)
+    return f"{v:.{decimals}f}%", f"{lim:.3g}%"
 
 
 def _row(subject: Subject, index: int, info: dict, batch: int, first_ns: int, samples_ns: list[int],
@@ -479,7 +591,8 @@ def _row(subject: Subject, index: int, info: dict, batch: int, first_ns: int, sa
         "warnings": [], "samples_ms": samples_ms,
     }
     if stats["cv"] > policy.noise_cv:
-        msg = (f"{subject.name} batch {batch}: noisy, CV {stats['cv']:.0%} > {policy.noise_cv:.0%} "
+        cv, limit = percent_pair(stats["cv"], policy.noise_cv)
+        msg = (f"{subject.name} batch {batch}: noisy, CV {cv} > {limit} "
                "(quiet the machine, pin threads, or run longer)")
         log.warning("%s", msg)
         row["warnings"].append(msg)
@@ -531,6 +644,38 @@ def _artifact_entry(s: Subject, index: int, info: dict, memory: dict, macs: int 
     }
 
 
+@contextmanager
+def _running(subjects: dict[int, Subject]):
+    """One started worker per subject, by key, each closed in turn when the block ends or fails with an
+    error (ours or a runtime's: the pipes are whole). After Ctrl-C, even one that cuts a close short,
+    every worker is reaped at once instead, so that none outlives the parent."""
+    ctx = multiprocessing.get_context("spawn")
+    workers: dict[int, _Worker] = {}
+    closed = False
+    try:
+        for i, s in subjects.items():
+            workers[i] = w = _Worker(ctx, s, start=False)   # registered before it starts: reaped whatever
+            w.start()
+        try:
+            yield workers
+        except Exception:
+            _close_all(workers)
+            closed = True
+            raise
+        _close_all(workers)
+        closed = True
+    finally:
+        if not closed:
+            with sigint_blocked():   # a second Ctrl-C waits until every worker is gone
+                for w in workers.values():
+                    w.reap()
+
+
+def _close_all(workers: dict[int, _Worker]) -> None:
+    for w in workers.values():
+        w.close()
+
+
 def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,), policy: Policy = Policy(),
                        floor: bool = True, progress: Progress | None = None) -> dict:
     """Time every subject at every batch it can run, interleaved; returns the bench/1 JSON document."""
@@ -548,11 +693,9 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
         log.warning("skipping %s at batch %d: %s", s["artifact"], s["batch"], s["reason"])
     used = sorted({i for _, g in groups for i in g})
     tick = progress or (lambda fraction, text: None)
-    ctx = multiprocessing.get_context("spawn")
-    workers = {i: _Worker(ctx, subjects[i]) for i in used}
     rows = []
     device, threads = subjects[used[0]].device, subjects[used[0]].threads
-    try:
+    with _running({i: subjects[i] for i in used}) as workers:
         tick(0.0, "counting multiply-adds")  # while the workers start
         macs = {subjects[i].name: macs_per_image(subjects[i].manifest) for i in used} if floor else {}
         infos = {}
@@ -571,9 +714,6 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
                 rows.append({**row, "round_sizes": round_sizes,
                              "gpu_ms": latency_stats(gpu_ms) if gpu_ms else None})
         memory = {i: workers[i].call("memory") for i in used}
-    finally:
-        for w in workers.values():
-            w.close()
     _add_ratios(rows)
     _add_floor(rows, macs, rate)
     artifacts = [_artifact_entry(subjects[i], i, infos[i], memory[i], macs.get(subjects[i].name)) for i in used]

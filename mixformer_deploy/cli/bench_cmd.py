@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from contextlib import contextmanager
 from enum import Enum
@@ -48,29 +49,124 @@ def progress_bar():
         yield lambda fraction, text: bar.update(task, completed=fraction, description=text)
 
 
-def print_results(doc: dict) -> None:
+# The terminal table (the --markdown file keeps every column and the file names): the columns in order, and
+# which give way first when the console is too narrow for all of them. A number is never cut: a column
+# goes whole. Latencies are ms per batch; the caption under the table says so and what each column means.
+COLUMNS = ("p50", "p90", "p99", "mean ± sd", "CV", "img/s", "speed-up", "floor", "RSS", "size")
+GIVE_WAY = ("size", "RSS", "p90", "mean ± sd", "floor", "img/s", "p99", "CV")   # size, RSS: in the legend too
+SAME_RUNTIME = {"onnx": "onnxruntime"}   # a target whose runtime goes by another name
+
+
+def _num(v, digits: int = 3) -> str:
+    """Short and never in exponent form: 0.847, 12.3, 1234, 0.000012 (a spread of 7.5e-15 reads 0)."""
+    if v is None:
+        return "–"
+    if abs(v) >= 10 ** digits:
+        return f"{v:.0f}"
+    text = f"{v:.{digits}g}"
+    return text if "e" not in text else (f"{v:.6f}".rstrip("0").rstrip(".") or "0")
+
+
+def _fixed(v, decimals: int, suffix: str = "") -> str:
+    """A figure whose unit wants fixed decimals (a speed-up, MiB); "–" where there is none."""
+    return "–" if v is None else f"{v:.{decimals}f}{suffix}"
+
+
+def row_label(r: dict, number: int, target: str | None) -> str:
+    """A row's short name: the artifact's number in the legend, its target, precision and batch. The
+    runtime too where it is not the target's own, so that no latency passes for another runtime's."""
+    runtime = r.get("runtime") or "?"
+    if r.get("role") == "reference":
+        what = "torch ref"
+    elif target:
+        what = target if runtime in (target, SAME_RUNTIME.get(target)) else f"{target} on {runtime}"
+    else:
+        what = runtime + (f" {r['form']}" if r.get("form") else "")
+    return f"#{number} {what} {r.get('precision') or '?'} b{r['batch']}"
+
+
+def _cells(r: dict, size: int | None) -> dict[str, str]:
+    """A result row's figures by column name, each short enough never to need cutting."""
+    from ..reports.markdown import speedup
+
+    lat = r.get("latency_ms") or {}
+    mean, std = lat.get("mean"), lat.get("std")
+    cv = r.get("cv")
+    return {"p50": _num(lat.get("p50")), "p90": _num(lat.get("p90")), "p99": _num(lat.get("p99")),
+            "mean ± sd": "–" if mean is None else _num(mean) + ("" if std is None else f" ± {_num(std, 2)}"),
+            "CV": "–" if cv is None else f"{cv:.0%}" if cv >= 0.1 else f"{cv:.1%}",
+            "img/s": _num(r.get("throughput_ips"), 4), "speed-up": _fixed(speedup(r)[0], 2, "×"),
+            "floor": "–" if r.get("floor_fraction") is None else f"{r['floor_fraction']:.0%}",
+            "RSS": _fixed(r["peak_rss_bytes"] / MIB if r.get("peak_rss_bytes") else None, 0),
+            "size": _fixed(size / MIB if size else None, 1)}
+
+
+def results_table(doc: dict, width: int):
+    """The results as a rich Table that fits ``width`` columns, and its columns: short row labels (see
+    ``row_label``), whole numbers, and the columns of GIVE_WAY left out, in that order, until it fits."""
+    from rich import box
+    from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
-    from ..reports.markdown import HEADERS, _f, result_row
+    numbers = {a["name"]: i + 1 for i, a in enumerate(doc["artifacts"])}
+    targets = {a["name"]: (a.get("manifest") or {}).get("target") for a in doc["artifacts"]}
+    sizes = {a["name"]: a.get("size_bytes") for a in doc["artifacts"]}
+    rows = [(row_label(r, numbers.get(r["artifact"], 0), targets.get(r["artifact"])),
+             _cells(r, sizes.get(r["artifact"]))) for r in doc["results"]]
+    probe = Console(width=10_000, file=io.StringIO())   # wide enough to measure the table's natural width
+    columns = list(COLUMNS)
+    for dropped in (None, *GIVE_WAY):
+        if dropped:
+            columns.remove(dropped)
+        table = Table("artifact", *columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for col in table.columns[1:]:
+            col.justify = "right"
+        for label, cells in rows:
+            table.add_row(label, *(cells[c] for c in columns))
+        if Measurement.get(probe, probe.options, table).maximum <= width:
+            break
+    return table, columns
 
+
+def _caption(doc: dict, columns: list[str]) -> str:
+    """What the shown columns mean (units stay out of the headers, which keeps the columns narrow)."""
+    base = "the reference" if any(r.get("ratio_to_reference") for r in doc["results"]) else "the first artifact"
+    parts = ["latency in ms per batch",
+             f"speed-up: p50 of {base} over the row's p50 (higher is faster)",
+             "floor: the FLOP floor's share of p50" if "floor" in columns else "",
+             "RSS: peak, MiB" if "RSS" in columns else "", "size: MiB" if "size" in columns else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def _legend_line(doc: dict, number: int, a: dict) -> str:
+    """An artifact's number, file name, load time, first inference and memory (a phone's tool may not
+    report every figure: "–", not a crash)."""
+    from ..reports.markdown import _f
+
+    firsts = ", ".join(f"b{r['batch']} {_f(r.get('first_inference_ms'), '.1f', ' ms')}" for r in doc["results"]
+                       if r["artifact"] == a["name"])
+    size = a.get("size_bytes")
+    line = (f"#{number} {a['name']}: size {_f(size / MIB if size else None, '.1f', ' MiB')}, "
+            f"load {_f(a.get('load_ms'), '.0f', ' ms')}, first inference {firsts}")
+    if a.get("peak_rss_bytes") and a.get("rss_before_load_bytes"):
+        line += (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB "
+                 f"(+{(a['peak_rss_bytes'] - a['rss_before_load_bytes']) / MIB:.0f} MiB over the idle worker)")
+    return line
+
+
+def print_results(doc: dict) -> None:
+    """The table (fitted to the console: 100 columns when piped), its caption, then the numbered legend
+    of file names, each on one unbroken line so that a name is never split."""
     console = make_console()
     m = doc["machine"]
     floor = (doc.get("floor") or {}).get("matmul")
-    title = f"{m['slug']}" + (f", float32 matmul {floor['gflops']:.1f} GFLOP/s" if floor else "")
-    table = Table(*HEADERS, title=title, title_justify="left")
-    sizes = {a["name"]: a.get("size_bytes") for a in doc["artifacts"]}
-    for r in doc["results"]:
-        table.add_row(*result_row(r, sizes.get(r["artifact"])))
+    console.print(f"{m['slug']}" + (f", float32 matmul {floor['gflops']:.1f} GFLOP/s" if floor else ""))
+    table, columns = results_table(doc, console.width)
     console.print(table)
-    for a in doc["artifacts"]:
-        # a phone's tool may not report every figure (executor_runner: no load time): "–", not a crash
-        firsts = ", ".join(f"b{r['batch']} {_f(r.get('first_inference_ms'), '.1f', ' ms')}" for r in doc["results"]
-                           if r["artifact"] == a["name"])
-        line = f"{a['name']}: load {_f(a.get('load_ms'), '.0f', ' ms')}, first inference {firsts}"
-        if a.get("peak_rss_bytes") and a.get("rss_before_load_bytes"):
-            line += (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB "
-                     f"(+{(a['peak_rss_bytes'] - a['rss_before_load_bytes']) / MIB:.0f} MiB over the idle worker)")
-        console.print(line)
+    console.print(_caption(doc, columns))
+    for i, a in enumerate(doc["artifacts"]):
+        console.print(_legend_line(doc, i + 1, a), soft_wrap=True)
 
 
 def _bench_on_phone(artifacts: list[Path], serial: str | None, binary: Path | None, threads: int | None,
@@ -88,6 +184,16 @@ def _bench_on_phone(artifacts: list[Path], serial: str | None, binary: Path | No
     print_results(doc)
     if json_out:
         typer.echo(f"wrote {json_out}")
+
+
+def _write_markdown(path: Path, doc: dict, plot: Path | None) -> None:
+    """Whole or not at all (a temporary renamed into place): a Ctrl-C never leaves half a table."""
+    from ..artifact import atomic_file
+    from ..reports.markdown import bench_markdown
+
+    link = os.path.relpath(plot, path.parent) if plot else None
+    with atomic_file(path) as tmp:
+        tmp.write_text(bench_markdown([doc], {"Latency distribution": link} if plot else None))
 
 
 def print_regression(reg: dict) -> None:
@@ -132,7 +238,7 @@ def bench(
     is slower than the baseline's beyond --max-regression, judged by a bootstrap confidence interval of
     the ratio of medians; a baseline from another machine only warns.
     """
-    from ..bench import Policy, benchmark
+    from ..bench import Policy, benchmark, hold_for_test
     from ..regression import compare, parse_threshold
     from ..reports.bench_json import read_results, write_results
 
@@ -158,11 +264,9 @@ def bench(
             raise
     if json_out:
         write_results(json_out, doc)
+    hold_for_test("write")
     if markdown:
-        from ..reports.markdown import bench_markdown
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        link = os.path.relpath(plot, markdown.parent) if plot else None
-        markdown.write_text(bench_markdown([doc], {"Latency distribution": link} if plot else None))
+        _write_markdown(markdown, doc, plot)
     if plot:
         from ..reports.plots import labelled_rows, latency_distribution
         latency_distribution(labelled_rows([doc]), plot)
