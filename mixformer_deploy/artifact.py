@@ -87,6 +87,26 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C held until the block ends, then raised: an artifact and its sidecar (a directory's swap
+    too) are published together or not at all. Only the main thread receives signals."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Move a finished artifact to its final name. A file replaces atomically; a directory is renamed
     whole, the earlier one first moved aside under a temporary name and removed after."""

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .artifact import (publish, remove, remove_stale_temporaries, sidecar_path, temp_path, write_json,
-                       write_json_atomic)
+from .artifact import (publish, remove, remove_stale_temporaries, sidecar_path, temp_path, uninterrupted,
+                       write_json, write_json_atomic)
 from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
 from .data import parse_size, photos
 from .errors import ArtifactError, CheckpointError, ExportError, InputFileError, RewriteError, UsageError, one_line
@@ -279,13 +279,14 @@ def _write_gate_publish(job: _Job, output, head: str, inputs, accuracy_set, max_
             manifest["parity"] = result.parity.summary()
         if not result.passed:
             result.path = final = final.with_name(final.name + ".failed")
-        publish(tmp, final)
+        with uninterrupted():  # the artifact and its sidecar together
+            publish(tmp, final)
+            write_json_atomic(sidecar_path(final), manifest)
         if result.parity is not None:
             result.parity.artifact = str(final)
     finally:
         remove(tmp)
         sidecar_path(tmp).unlink(missing_ok=True)
-    write_json_atomic(sidecar_path(final), manifest)
     if result.passed:  # a stale failure of this name no longer describes what is there
         stale = final.with_name(final.name + ".failed")
         remove(stale)

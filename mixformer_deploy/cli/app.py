@@ -151,9 +151,12 @@ def _load_commands() -> None:
 def main() -> None:
     """Console entry point. Errors are mapped inside the app (see _ErrorMappingGroup); what remains here
     is the last guard for anything raised outside a command (exit 70, one line)."""
-    _load_commands()
     try:
+        _load_commands()
         app()
+    except KeyboardInterrupt:  # outside a command (loading them, Click's own parsing): the same one line
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except Exception as e:
         if _state["debug"]:
             import traceback

@@ -406,9 +406,7 @@ def _write_engine(trt, data: bytes, engine_path: Path, onnx_path: Path, manifest
 
     import torch
 
-    from ...artifact import atomic_file, sidecar_path, write_json_atomic
-    with atomic_file(engine_path) as tmp:
-        tmp.write_bytes(data)
+    from ...artifact import atomic_file, sidecar_path, uninterrupted, write_json_atomic
     props = torch.cuda.get_device_properties(0)
     engine_manifest = {**manifest, "runtime": "tensorrt", "format": "engine", "size_bytes": len(data),
                        "tensorrt": {"version": trt.__version__, "gpu": props.name,
@@ -417,4 +415,6 @@ def _write_engine(trt, data: bytes, engine_path: Path, onnx_path: Path, manifest
                                     "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
                                     "builder": settings}}
     engine_manifest.pop("parity", None)   # the ONNX's parity is not the engine's: run parity on the engine
-    write_json_atomic(sidecar_path(engine_path), engine_manifest)
+    with uninterrupted(), atomic_file(engine_path) as tmp:   # the engine and its sidecar together
+        tmp.write_bytes(data)
+        write_json_atomic(sidecar_path(engine_path), engine_manifest)
