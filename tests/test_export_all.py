@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,8 @@ _load_commands()
 WEIGHTS = DATA / "tiny.pdparams"
 FAST = ["--weights", str(WEIGHTS), "--img-size", "64", "--precision", "fp16", "--batch", "dynamic"]
 ENV = {**os.environ, "CI": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-STATUSES = ("passed", "FAILED", "exported", "not offered", "missing extra", "not available here", "error:",
-            "reference")
+STATUSES = ("passed", "FAILED", "exported", "missing extra", "not available here", "error", "reference")
+NOT_OFFERED = "not offered: "
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -48,6 +49,15 @@ def summary_rows(path: Path) -> dict[tuple[str, str], list[str]]:
             cells = [c.strip() for c in line.strip("|").split(" | ")]
             rows[(cells[0], cells[1])] = cells
     return rows
+
+
+def not_offered(text: str) -> dict[str, list[str]]:
+    """The one not-offered line (terminal or summary.md): precision -> targets."""
+    line = next((x for x in text.splitlines() if x.lower().startswith(NOT_OFFERED)), None)
+    if line is None:
+        return {}
+    groups = (g.split(" by ") for g in line[len(NOT_OFFERED):].rstrip(".").split("; "))
+    return {p: targets.split(", ") for p, targets in groups}
 
 
 # ---------------------------------------------------------------- usage errors: exit 2, before any weights
@@ -83,21 +93,27 @@ def test_table_row_per_target_and_summary_path_last(tmp_path):
     summary = Path(lines[-1])
     assert summary == out / "summary.md" and summary.is_file()
     table = [line.split() for line in lines if line.split() and line.split()[0] in keys()]
-    assert sorted({t[0] for t in table}) == sorted(keys())  # one row per target of the table, on stdout
+    folded = not_offered(r.stdout).get("fp16", [])
+    assert sorted({t[0] for t in table} | set(folded)) == sorted(keys())  # every target: a row, or not offered
 
     rows = summary_rows(summary)
-    assert sorted(rows) == sorted((k, "fp16") for k in keys())
     text = summary.read_text()
-    assert "mixformer-deploy export --target all" in text and "Machine:" in text
+    skipped = not_offered(text).get("fp16", [])
+    assert sorted([k for k, _ in rows] + skipped) == sorted(keys()) and not set(skipped) & {k for k, _ in rows}
+    assert "mixformer-deploy export --target all" in text and "Machine:" in text and "Batch dynamic." in text
+    assert " exports fp32" not in text and "not offered |" not in text  # one line, no per-row notes
     for key in keys():
         target = get_spec(key)
+        if "fp16" not in target.precisions:
+            assert key in skipped
+        if key in skipped:
+            continue
         status = rows[(key, "fp16")][2]
         assert status.startswith(STATUSES), status
-        if "fp16" not in target.precisions:
-            assert status == "not offered"
         if status.startswith(("passed", "exported")):  # built: the artifact and its sidecar are there
             built = list(out.glob(f"mixformer-custom-64x64-dyn-fp16{target.suffix}"))
             assert built and Path(str(built[0]) + ".json").is_file(), key
+            assert built[0].name not in re.sub(r"`[^`]*`", "", text.split("Notes:")[-1]), key  # only in commands
         assert not status.startswith(("FAILED", "error")), (key, status)
     # each built row that could run its check passed it, with its numbers in the table
     assert rows[("onnx", "fp16")][2] == "passed"
@@ -105,9 +121,12 @@ def test_table_row_per_target_and_summary_path_last(tmp_path):
     assert rows[("onnx", "fp16")][6] == "100.0%"
     for key in ("executorch", "litert"):  # fp32/int8-only or fixed-batch-only: not attempted
         if key in keys():
-            assert rows[(key, "fp16")][2] == "not offered"
-    if "tensorrt" in keys():  # the TensorRT-ready ONNX is verified here; the engine needs TensorRT + a GPU
-        assert rows[("tensorrt", "fp16")][2].startswith("passed")
+            assert key in skipped
+    if "tensorrt" in keys():  # the TensorRT-ready ONNX is verified here on onnxruntime; the engine elsewhere
+        trt = rows[("tensorrt", "fp16")]
+        assert trt[2] == "passed on onnxruntime" and trt[-2:] == ["", ""]  # never an onnxruntime time
+        for note in (n for n in text.splitlines() if n.startswith("- tensorrt fp16: ")):
+            assert "printed above" not in note and "`trtexec " in note, note
     assert not list(out.glob("*.failed"))
 
 
@@ -150,7 +169,51 @@ def test_every_target_fp32_with_bench(tmp_path):
         assert row["kind"] not in ("failed", "error"), row
         if row["kind"] == "passed":
             assert row["max_abs"] <= 1e-3 and row["cosine"] >= 0.9999 and row["top1_agreement"] == 1.0
-        if row["kind"] in ("passed", "exported") and row["runtime"]:  # runs here: timed against PyTorch eager
-            assert row["p50_ms"] > 0 and row["speedup"] > 0, row
+        if row["kind"] in ("passed", "exported") and row["runtime"] and not row["deploy_runtime"]:
+            assert row["p50_ms"] > 0 and row["speedup"] > 0, row  # runs here: timed against PyTorch eager
+        elif row["deploy_runtime"]:  # the TensorRT-ready ONNX on onnxruntime: that time is not TensorRT's
+            assert row["p50_ms"] is None and row["speedup"] is None, row
     assert doc["summary"]["bench"]["machine"] and doc["summary"]["cpu"]
     assert (out / "summary.md").is_file()
+
+
+# ---------------------------------------------------------------- a runtime precision: OpenVINO's bf16
+
+def test_openvino_bf16_is_the_fp32_ir_run_at_bf16_not_an_export(tmp_path, monkeypatch):
+    """OpenVINO alone (the others are the table test's), fp32 and bf16: no bf16 IR is written; the bf16 row
+    is the fp32 IR checked with the runtime's bf16 setting where this CPU has bf16, and says it is not
+    available here where it does not (OpenVINO's own answer)."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    import mixformer_deploy.backends as backends
+    from mixformer_deploy.backends.openvino import runner
+    from mixformer_deploy.export_all import export_all
+
+    only, every = [get_spec("openvino")], backends.all_specs
+    monkeypatch.setattr(backends, "all_specs", lambda exporting=False: only if exporting else every())
+    has_bf16 = "BF16" in runner.cpu_capabilities(runner._ov().Core())
+    result = export_all(weights=WEIGHTS, img_size="64", precisions="fp32,bf16", output=tmp_path)
+    rows = {r.label: r for r in result.rows}
+    assert list(rows) == ["openvino fp32", "openvino bf16 (runtime)"] and result.exit_code == 0
+    row = rows["openvino bf16 (runtime)"]
+    assert row.artifact == rows["openvino fp32"].artifact and not list(tmp_path.glob("*bf16*"))
+    assert row.runtime_options == {"precision": "bf16"}
+    if has_bf16:
+        assert row.kind == "passed" and 0 < row.max_abs < 0.1 and row.cosine > 0.998
+    else:
+        assert row.status == "not available here" and "bf16" in row.note
+    md = (tmp_path / "summary.md").read_text()
+    assert "| openvino | bf16 (runtime) | " + ("passed" if has_bf16 else "not available here") in md
+    assert "bf16 (runtime): no bf16 export; the fp32 artifact run by its runtime at bf16" in md
+
+    # a CPU without bf16, as OpenVINO would say: the same row, not available here, with the runtime's reason
+    monkeypatch.setattr(runner, "cpu_capabilities", lambda core: ["FP32", "INT8"])
+    from mixformer_deploy.export_all import PENDING, Row, _Commands, _runtime_row
+    pending = Row("openvino", "bf16", PENDING, PENDING, runtime_options={"precision": "bf16"})
+    base = Row("openvino", "fp32", "passed", "passed", artifact=row.artifact, runtime="openvino")
+    result.rows = [base]
+    elsewhere = _Commands(WEIGHTS, None, "64", 1, None, tmp_path)
+    out = _runtime_row(None, result, only[0], pending, elsewhere, False, {"check": True, "source": None})
+    assert out.label == "openvino bf16 (runtime)" and out.status == "not available here"
+    assert out.note.startswith("this CPU cannot execute bf16") and out.p50_ms is None
+    assert out.command.startswith("mixformer-deploy parity ")
+    assert f"-O precision=bf16 --weights {WEIGHTS}" in out.command

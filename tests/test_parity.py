@@ -273,3 +273,37 @@ def test_predict_copy_of_weights_as_artifact(tmp_path, good, photo):
     shutil.copy(good, tmp_path / "copy.safetensors")
     result, code = _invoke("predict", photo, "--artifact", tmp_path / "copy.safetensors", "--weights", good)
     assert code == 2  # one source, not two
+
+
+# ---------------------------------------------------------------- the report's table at 100 columns (CI logs)
+
+def test_report_table_keeps_whole_headers_and_numbers_at_100_columns(tmp_path, good, photo):
+    """Two image folders with long paths: their columns are "set 1", "set 2" with the paths named under the
+    table, no header or number is cut, and at 60 columns the sets go to a second table instead."""
+    import io
+
+    from rich.console import Console
+
+    from mixformer_deploy.cli.parity_cmd import print_report
+
+    folders = []
+    for name in ("a_rather_long_folder_name_of_validation_images", "another_long_folder_of_more_images"):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(photo, folder / photo.name)
+        folders.append(str(folder))
+    report = check_parity(good, inputs=["random", *folders])
+    for width in (100, 60):
+        buf = io.StringIO()
+        print_report(report, Console(file=buf, width=width, highlight=False, color_system=None))
+        text = buf.getvalue()
+        assert "…" not in text and "..." not in text
+        assert f"set 1: {folders[0]}" in text and f"set 2: {folders[1]}" in text
+        headers = [line.split("┃")[1:-1] for line in text.splitlines() if line.startswith("┃")]
+        labels = [h.strip() for row in headers for h in row]
+        assert {"metric", "random", "set 1", "set 2", "all inputs"} <= set(labels)
+        assert labels.count("set 1") == 1 and labels.count("random") == 1  # each set in one column, once
+        cosine = [line for line in text.splitlines() if line.startswith("│ min per-input cosine")]
+        assert cosine and all(len(cell.strip()) == 10 for line in cosine for cell in line.split("│")[2:-1])
+        assert all(len(line) <= width for line in text.splitlines() if line[:1] in "┏┃┡│└")
+    assert len(headers) == 2  # at 60 columns: two tables, the metric column repeated

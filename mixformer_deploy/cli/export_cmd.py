@@ -133,11 +133,8 @@ def _export_all(as_json: bool, **given) -> None:
 
     import logging
 
-    from rich import box
-    from rich.table import Table
-
-    from ..export_all import LEGEND, SHORT_HEADERS, export_all
-    from ..reports.export_table import cells, machine_line, notes
+    from ..export_all import export_all
+    from ..reports.export_table import print_table
 
     command = _command_line(target=ALL, **{**given, "variant": None if given["variant"] == "auto" else given["variant"]},
                             json=as_json)
@@ -163,18 +160,7 @@ def _export_all(as_json: bool, **given) -> None:
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        out = make_console()
-        table = Table(*SHORT_HEADERS, title=f"export --target all: {machine_line(result)}", title_justify="left",
-                      box=box.SIMPLE_HEAD, show_edge=False, padding=0)
-        for column in table.columns:  # the numbers never wrap; the status takes what is left
-            column.no_wrap = column.header != "status"
-            column.min_width = 14 if column.header == "status" else None
-        for row in result.rows:
-            table.add_row(*cells(row, status_width=64))
-        out.print(table)
-        out.print(LEGEND, markup=False, highlight=False)
-        for line in notes(result):
-            out.print(line, markup=False, highlight=False)
+        print_table(result, make_console())
         typer.echo(str(result.summary_path))
     error = result.error()
     if error is not None:

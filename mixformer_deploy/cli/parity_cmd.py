@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import CheckpointError, ParityError, UsageError
 from ..backends.runner import parse_runtime_options
@@ -30,41 +31,82 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def _metrics_table(report) -> Table:
-    """Metrics as rows and input sets as columns, so that it stays readable in 80 columns."""
-    backbone = bool(report.outputs)
-    cols = dict(report.outputs) if backbone else {**report.sets, "all inputs": report.overall}
-    title = ("feature maps (all inputs)" if backbone else "logits") + ": artifact vs PyTorch float32 reference"
-    table = Table(title=title, title_justify="left")
-    table.add_column("metric")
-    for name in cols:
-        table.add_column(name, justify="right")
-    rows = [
-        ("inputs", lambda m: str(m.count)),
-        ("max |a-r|", lambda m: _num(m.max_abs)),
-        ("mean |a-r|", lambda m: _num(m.mean_abs)),
-        ("relative L2", lambda m: _num(m.rel_l2)),
-        ("cosine", lambda m: _num(m.cosine, ".8f")),
-        ("min per-input cosine", lambda m: _num(m.min_sample_cosine, ".8f")),
-        ("top-1 agreement", lambda m: _pct(m.top1_agreement)),
-        ("top-5 agreement", lambda m: _pct(m.top5_agreement)),
-        ("accuracy artifact", lambda m: _pct(m.accuracy_artifact)),
-        ("accuracy reference", lambda m: _pct(m.accuracy_reference)),
-        ("within max-abs bound", lambda m: "yes" if m.max_abs_ok else "[red]no[/red]"),
-    ]
-    for label, cell in rows:
+SET_LABEL_MAX = 12  # a longer input-set name (an image folder's path) is "set N" in the table, named below it
+METRICS = (
+    ("inputs", lambda m: str(m.count)),
+    ("max |a-r|", lambda m: _num(m.max_abs)),
+    ("mean |a-r|", lambda m: _num(m.mean_abs)),
+    ("relative L2", lambda m: _num(m.rel_l2)),
+    ("cosine", lambda m: _num(m.cosine, ".8f")),
+    ("min per-input cosine", lambda m: _num(m.min_sample_cosine, ".8f")),
+    ("top-1 agreement", lambda m: _pct(m.top1_agreement)),
+    ("top-5 agreement", lambda m: _pct(m.top5_agreement)),
+    ("accuracy artifact", lambda m: _pct(m.accuracy_artifact)),
+    ("accuracy reference", lambda m: _pct(m.accuracy_reference)),
+    ("within max-abs bound", lambda m: "yes" if m.max_abs_ok else "[red]no[/red]"),
+)
+
+
+def set_labels(names) -> tuple[list[str], list[str]]:
+    """Column labels for input sets: a name that is short stays; a long one (a folder's path) becomes
+    'set N', with a legend line 'set N: <name>', so that no header is cut and two folders stay apart."""
+    labels, legend = [], []
+    for name in names:
+        if len(name) <= SET_LABEL_MAX and "/" not in name and name not in labels:
+            labels.append(name)
+        else:
+            labels.append(f"set {len(legend) + 1}")
+            legend.append(f"{labels[-1]}: {name}")
+    return labels, legend
+
+
+def _metric_rows(report, cols: dict) -> list[tuple[str, list[str]]]:
+    """(metric, one cell per input set): the metrics that apply (no top-k for feature maps, accuracy only
+    where a set is labelled)."""
+    out = []
+    for label, cell in METRICS:
         if label.startswith("accuracy") and all(m.accuracy_reference is None for m in cols.values()):
             continue
-        if backbone and label.startswith("top-"):  # feature maps have no classes
+        if report.outputs and label.startswith("top-"):  # feature maps have no classes
             continue
-        table.add_row(label, *(cell(m) for m in cols.values()))
-    return table
+        out.append((label, [cell(m) for m in cols.values()]))
+    return out
+
+
+def _metrics_tables(report, width: int = 100) -> tuple[list[Table], list[str]]:
+    """Metrics as rows and input sets as columns; as many tables as it takes for every column to keep its
+    whole header and numbers at ``width`` (each repeats the metric column), and the set-name legend."""
+    backbone = bool(report.outputs)
+    cols = dict(report.outputs) if backbone else {**report.sets, "all inputs": report.overall}
+    labels, legend = set_labels(list(cols))
+    rows = _metric_rows(report, cols)
+    plain = lambda text: Text.from_markup(text).plain  # noqa: E731
+    first = max(len(label) for label, _ in rows) + 3    # its padding and left border
+    widths = [max([len(labels[i])] + [len(plain(cells[i])) for _, cells in rows]) + 3 for i in range(len(cols))]
+    chunks, start, used = [], 0, first + 1
+    for i, w in enumerate(widths):
+        if i > start and used + w > width:
+            chunks.append(range(start, i))
+            start, used = i, first + 1
+        used += w
+    chunks.append(range(start, len(cols)))
+    title = ("feature maps (all inputs)" if backbone else "logits") + ": artifact vs PyTorch float32 reference"
+    tables = []
+    for n, chunk in enumerate(chunks):
+        table = Table(title=title if n == 0 else None, title_justify="left")
+        table.add_column("metric", no_wrap=True)
+        for i in chunk:
+            table.add_column(labels[i], justify="right", no_wrap=True)
+        for label, cells in rows:
+            table.add_row(label, *(cells[i] for i in chunk))
+        tables.append(table)
+    return tables, legend
 
 
 def _stage_table(report) -> Table:
     table = Table(title=f"stages (diverged: relative L2 > {report.stage_tolerance:.3g})", title_justify="left")
     for name in ("stage", "shape", "max |a-r|", "relative L2", "cosine", ""):
-        table.add_column(name, justify="left" if name in ("stage", "shape", "") else "right")
+        table.add_column(name, justify="left" if name in ("stage", "shape", "") else "right", no_wrap=True)
     for s in report.stages:
         table.add_row(s.name, "x".join(map(str, s.shape)), _num(s.max_abs), _num(s.rel_l2), _num(s.cosine, ".6f"),
                       "[red]diverged[/red]" if s.diverged else "")
@@ -80,7 +122,11 @@ def print_report(report, console: Console) -> None:
             f"top-1 gated on {o.gated} of {o.count} inputs whose margin exceeds their bound")
     console.print(f"rule, per input: max|a-r| <= atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|r| of that input "
                   f"and cosine >= {tol['min_cosine']:g}; {top1}")
-    console.print(_metrics_table(report))
+    tables, legend = _metrics_tables(report, console.width)
+    for table in tables:
+        console.print(table)
+    for line in legend:  # a path stays whole (copyable), whatever the width
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"observed: max|a-r| {o.max_abs:.3g}, implying rtol {o.implied_rtol:.3g} at atol 0; worst input "
                   f"{o.worst_input_name or o.worst_input} (max|a-r| {o.worst_abs:.3g} vs bound {o.bound:.3g}); "
                   f"lowest cosine {o.largest_min_cosine:.8f}")
