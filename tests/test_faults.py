@@ -193,6 +193,8 @@ def test_options_are_checked_before_anything_is_printed(tmp_path, seeded):
     """Each bad option is the only stderr line: no 'inferred B0 ...' or seeded-weights warning first."""
     artifact, image = seeded
     _one_line(CliRunner().invoke(app, ["export", "--output", str(tmp_path / "foo.txt")]), 2)
+    unknown = _one_line(CliRunner().invoke(app, ["export", "--target", "foo"]), 2)
+    assert "trt (= tensorrt)" in unknown and "or all" in unknown and "onnx" in unknown  # every spelling named
     _one_line(CliRunner().invoke(app, ["export", "--weights", str(WEIGHTS), "--accuracy-set",
                                        str(tmp_path / "missing")]), 4)
     _one_line(CliRunner().invoke(app, ["predict", str(tmp_path / "nope.png")]), 4)

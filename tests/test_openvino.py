@@ -34,6 +34,18 @@ def fp32(tmp_path_factory):
     return result
 
 
+def test_the_irs_model_xml_stands_for_its_directory(fp32):
+    """OpenVINO users know model.xml as "the IR": every command reads the artifact directory it is in."""
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.cli.app import _load_commands, app
+
+    _load_commands()
+    r = CliRunner().invoke(app, ["inspect", str(fp32.path / "model.xml"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["artifact"] == str(fp32.path) and "reading the artifact" in r.stderr
+
+
 @pytest.fixture(scope="module")
 def ref_logits(fp32, photo_batches):
     import torch

@@ -257,6 +257,8 @@ def test_cli_predict_prints_top_k(good, photo):
     result, code = _invoke("predict", photo, "--weights", good, "--top", "3")
     assert code == 0, result.output
     assert "chelsea.png" in result.stdout and "class-" in result.stdout
+    resized = [line for line in result.stderr.splitlines() if "resized" in line]  # 300x451 is not the model's
+    assert len(resized) == 1 and "chelsea.png 300x451" in resized[0] and "(height x width)" in resized[0], result.stderr
     result, code = _invoke("predict", photo, "--artifact", good, "--top", "3", "--json", "--threads", "1")
     out = json.loads(result.stdout)
     assert code == 0 and len(out[0]["top"]) == 3

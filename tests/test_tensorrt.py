@@ -417,3 +417,26 @@ def test_int8_of_the_shipped_weights_passes_the_accuracy_gate_through_the_cli(tm
     assert parity["passed"]
     gate = next(g for g in parity["accuracy_gate"] if g["set"] == "dataset")
     assert gate["count"] == 360 and gate["passed"] and gate["artifact_errors"] <= gate["reference_errors"] + 3
+
+
+@pytest.mark.skipif(get_spec("tensorrt").runner_class("tensorrt").status().get("can_run", False),
+                    reason="TensorRT runs here: a whole engine would be run, not refused")
+def test_an_engine_is_checked_against_its_manifest_without_tensorrt(tmp_path):
+    """No TensorRT here, yet a truncated or altered engine is a bad artifact (exit 4, one line): its sidecar
+    records its size and SHA-256. An intact one is exit 3 (the runtime is missing), not 4."""
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from mixformer_deploy.artifact import SCHEMA, sidecar_path, write_json
+    from mixformer_deploy.cli.app import _load_commands, app
+
+    _load_commands()
+    engine, data = tmp_path / "m.engine", bytes(range(256)) * 8
+    manifest = {"schema": SCHEMA, "target": "tensorrt", "size_bytes": len(data),
+                "tensorrt": {"engine_sha256": hashlib.sha256(data).hexdigest()}}
+    write_json(sidecar_path(engine), manifest)
+    for content, code in ((data[:1000], 4), (data[:-1] + b"x", 4), (data, 3)):
+        engine.write_bytes(content)
+        r = CliRunner().invoke(app, ["parity", str(engine)])
+        assert r.exit_code == code and len(r.stderr.strip().splitlines()) == 1, (code, r.stderr)

@@ -39,11 +39,17 @@ def test_int8_of_the_shipped_weights_passes_the_accuracy_gate(spec, shipped, tmp
     assert gate.count == 360 and gate.allowed_extra == 3
     assert gate.passed and result.passed, result.parity.failures
     assert result.path.name == f"mixformer-b0-32x32-b1-int8{spec.suffix}"
-    info = spec.inspect(result.path)
+    from mixformer_deploy.cli.inspect_cmd import inspect_artifact
+
+    info = inspect_artifact(result.path)   # the backend's reader, with what the CLI adds to it
     assert (info["precisions"] or {}).get("int8", 0) > 0, info["precisions"]
-    # the default keeps stay float32 (the quantizers leave other ops float32 too: no subset to check)
+    assert "int8 (FakeQuantize)" not in info["precisions"]   # "int8" names one thing: the ops computing in it
+    # the default keeps stay float32; the quantizers leave other ops float32 too, which inspect tells apart
     keeps = result.manifest["precision_keeps"]["modules"]
     assert "head" in keeps and "head" in (info["kept_fp32"] or []), info["kept_fp32"]
+    by_rule, other = info.get("fp32_kept_by_rule") or [], info.get("fp32_other") or []
+    assert "head" in by_rule and sorted(by_rule + other) == sorted(info["kept_fp32"]), (by_rule, other)
+    assert all(any(m == k or m.startswith(k + ".") for k in keeps) for m in by_rule), by_rule
     # and it takes float32 images, as every artifact does (quantization is inside)
     dtypes = [i.get("dtype") for i in (info["inputs"] or []) if isinstance(i, dict) and i.get("dtype")]
     assert all(FLOAT32.get(d, d) == "fp32" for d in dtypes), info["inputs"]

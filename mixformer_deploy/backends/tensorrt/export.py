@@ -413,6 +413,7 @@ def _write_engine(trt, data: bytes, engine_path: Path, onnx_path: Path, manifest
                                     "compute_capability": f"{props.major}.{props.minor}",
                                     "onnx": onnx_path.name,
                                     "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                                    "engine_sha256": hashlib.sha256(data).hexdigest(),
                                     "builder": settings}}
     engine_manifest.pop("parity", None)   # the ONNX's parity is not the engine's: run parity on the engine
     with uninterrupted(), atomic_file(engine_path) as tmp:   # the engine and its sidecar together

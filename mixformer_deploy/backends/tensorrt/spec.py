@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import UsageError
+from ...errors import ArtifactError, UsageError
 from ..onnx.spec import SPEC as ONNX_SPEC
 from ..onnx.spec import embedded_manifest, external_files, load_onnx
 from ..spec import FP16, BackendSpec, Options, Tolerance, option
@@ -109,6 +109,21 @@ class TensorRtSpec(BackendSpec):
         if is_engine(path):
             return None  # an engine carries no metadata of ours: its sidecar is the manifest
         return embedded_manifest(path)
+
+    def verify(self, path: Path) -> None:
+        """An engine cannot be read without TensorRT, but its sidecar records its size and SHA-256: a
+        truncated or changed engine is a bad artifact (exit 4) here too, not a missing runtime (exit 3)."""
+        if not is_engine(path):
+            return super().verify(path)
+        from ...artifact import read_sidecar, sha256_file
+        path = Path(path)
+        recorded = read_sidecar(path) or {}
+        size, want = path.stat().st_size, recorded.get("size_bytes")
+        if size == 0 or (want is not None and size != want):
+            raise ArtifactError(f"{path.name}: {size} bytes where its manifest records {want}: truncated or replaced")
+        digest = (recorded.get("tensorrt") or {}).get("engine_sha256")
+        if digest and sha256_file(path) != digest:
+            raise ArtifactError(f"{path.name}: its bytes differ from the engine its manifest describes (SHA-256)")
 
     def files(self, path: Path) -> list[Path]:
         path = Path(path)
