@@ -96,8 +96,11 @@ class ExecuTorchExporter(Exporter):
         ctx.tmp.write_bytes(buffer)
         facts["manifest_embedded"] = embedded
         d = facts["delegation"]
-        log.info("executorch: %d ops in %d XNNPACK subgraphs, %d left on portable kernels (%s)",
-                 d["delegated_ops"], d["subgraphs"], d["non_delegated_ops"], d["non_delegated"])
+        if d["non_delegated_ops"]:  # slow portable kernels: worth a line (all delegated is the normal case)
+            log.warning("executorch: %d ops left on portable kernels (%s), %d in %d XNNPACK subgraphs",
+                        d["non_delegated_ops"], d["non_delegated"], d["delegated_ops"], d["subgraphs"])
+        else:
+            log.debug("executorch: all %d ops in %d XNNPACK subgraphs", d["delegated_ops"], d["subgraphs"])
         return facts
 
     def _program(self, module, example, options: ExportOptions, manifest: dict):
