@@ -102,6 +102,23 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def machine_load(threads: int | None) -> dict:
+    """The 1-minute load average when timing starts, against the cores the run needs: another busy process
+    on the cores a runtime spins on (OpenMP's active wait: AOTInductor, PyTorch) can make it many times
+    slower, so a run on a loaded machine says so (a warning, and ``settings.load`` in the JSON)."""
+    usable = available_cores()
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return {"load_1m": None, "usable_cpus": usable, "free_cpus": None}
+    free = round(max(usable - load, 0.0), 2)
+    if (threads or usable) > free + 0.5:
+        log.warning("the machine is busy: load %.2f on %d usable CPUs leaves %.1f free for %d timing threads; "
+                    "latencies include the contention (compare runs of one load only)", load, usable, free,
+                    threads or usable)
+    return {"load_1m": load, "usable_cpus": usable, "free_cpus": free}
+
+
 def artifact_subject(path: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None,
                      options: dict | None = None) -> Subject:
     """An exported artifact (or a weights file, which the torch runtime runs) and its manifest."""
@@ -695,6 +712,7 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
     tick = progress or (lambda fraction, text: None)
     rows = []
     device, threads = subjects[used[0]].device, subjects[used[0]].threads
+    load = machine_load(threads) if device == "cpu" else None
     with _running({i: subjects[i] for i in used}) as workers:
         tick(0.0, "counting multiply-adds")  # while the workers start
         macs = {subjects[i].name: macs_per_image(subjects[i].manifest) for i in used} if floor else {}
@@ -718,7 +736,7 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
     _add_floor(rows, macs, rate)
     artifacts = [_artifact_entry(subjects[i], i, infos[i], memory[i], macs.get(subjects[i].name)) for i in used]
     settings = {**asdict(policy), "round_s": policy.round_seconds, "batches": batches, "device": device,
-                "threads": threads, "timer": "time.perf_counter_ns around run + sync",
+                "threads": threads, "load": load, "timer": "time.perf_counter_ns around run + sync",
                 "inputs": f"seeded standard-normal, seed {policy.input_seed}"}
     floor_info = {"matmul": rate, "macs_per_image": macs} if floor else None
     return build_document(artifacts=artifacts, results=rows, skipped=skipped, settings=settings,

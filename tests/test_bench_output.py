@@ -142,3 +142,23 @@ def test_log_scale_ticks_read_as_plain_numbers(plots):
     assert "10" in shown and len(shown) >= 3, shown
     assert all(re.fullmatch(r"\d+(\.\d+)?", s) for s in shown), shown
     assert _outside(fig) == []
+
+
+def test_a_busy_machine_is_recorded_and_warned_about(monkeypatch, caplog):
+    """One busy process beside a 2-thread run on 2 CPUs: the load goes into the JSON and a warning says the
+    latencies include contention; on an idle machine, no warning."""
+    import logging
+
+    from mixformer_deploy import bench
+
+    monkeypatch.setattr(bench, "available_cores", lambda: 2)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.1, 0.5, 0.2))
+    with caplog.at_level(logging.WARNING, logger="mixformer_deploy.bench"):
+        busy = bench.machine_load(threads=2)
+    assert busy == {"load_1m": 1.1, "usable_cpus": 2, "free_cpus": 0.9}
+    assert any("busy" in r.getMessage() and "load 1.10" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.05, 0.1, 0.1))
+    with caplog.at_level(logging.WARNING, logger="mixformer_deploy.bench"):
+        assert bench.machine_load(threads=2)["free_cpus"] == 1.95
+    assert not caplog.records
