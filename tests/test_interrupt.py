@@ -113,6 +113,13 @@ def ctrl_c(pgid: int) -> None:
     os.kill(pgid, signal.SIGINT)
 
 
+def _ctrl_c_reaches_it() -> None:
+    """SIGINT back to its default in the child, as in a terminal: a test run started in the background
+    (``cmd &`` in a script, as CI runners may) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(args: list[str], marker: str, env: dict | None = None, delay: float = 0.0,
               timeout: float = 120) -> tuple[int, str, str]:
     """``mixformer-deploy ARGS`` in a process group of its own, given Ctrl-C (``ctrl_c``) ``delay`` s after
@@ -120,7 +127,7 @@ def interrupt(args: list[str], marker: str, env: dict | None = None, delay: floa
     of its group are gone."""
     proc = subprocess.Popen([sys.executable, "-m", "mixformer_deploy", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=_ctrl_c_reaches_it)
     out, err = _Reader(proc.stdout), _Reader(proc.stderr, marker)
     try:
         end = time.monotonic() + timeout
