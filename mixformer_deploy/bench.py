@@ -122,10 +122,11 @@ def machine_load(threads: int | None) -> dict:
 def artifact_subject(path: str | Path, runtime: str = "auto", device: str = "cpu", threads: int | None = None,
                      options: dict | None = None) -> Subject:
     """An exported artifact (or a weights file, which the torch runtime runs) and its manifest."""
+    from .artifact import resolve_artifact
     from .parity import artifact_manifest
     from .backends import runner_class, runtime_for
 
-    p = Path(path)
+    p = resolve_artifact(path)
     if not p.exists():
         raise InputFileError(f"artifact not found: {p}")
     key = runtime_for(p) if runtime in (None, "auto") else runtime
