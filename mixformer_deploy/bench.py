@@ -713,7 +713,6 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
     tick = progress or (lambda fraction, text: None)
     rows = []
     device, threads = subjects[used[0]].device, subjects[used[0]].threads
-    load = machine_load(threads) if device == "cpu" else None
     with _running({i: subjects[i] for i in used}) as workers:
         tick(0.0, "counting multiply-adds")  # while the workers start
         macs = {subjects[i].name: macs_per_image(subjects[i].manifest) for i in used} if floor else {}
@@ -723,6 +722,7 @@ def benchmark_subjects(subjects: Sequence[Subject], batches: Sequence[int] = (1,
             infos[i] = workers[i].call("load", policy.input_seed)
         tick(0.0, "measuring the float32 matmul rate")
         rate = matmul_rate(device, threads) if floor else None
+        load = machine_load(threads) if device == "cpu" else None  # when timing starts: every artifact loaded
         for gi, (batch, group) in enumerate(groups):
             label = f"batch {batch}"
             measured = _measure_batch([workers[i] for i in group], batch, policy,
