@@ -85,6 +85,7 @@ def test_bench_is_for_every_target_only(tmp_path):
 
 # ---------------------------------------------------------------- the table, summary.md, the rows
 
+@pytest.mark.slow  # every target exported (~25 s); the table's layout is unit-tested in test_export_table.py
 def test_table_row_per_target_and_summary_path_last(tmp_path):
     out = tmp_path / "out"
     r = cli(*FAST, "-o", out)

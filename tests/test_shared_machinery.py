@@ -62,6 +62,7 @@ def test_float32_islands_keep_their_modules_in_float32(official_tiny, photo_batc
 
 # ---------------------------------------------------------------- ONNX fp16 with the keeps, and inspect
 
+@pytest.mark.slow  # the shipped weights' fp16 export, gated on 370 inputs: 12 s
 def test_onnx_fp16_of_the_shipped_weights_passes_with_the_default_keeps(shipped_fp16):
     assert shipped_fp16.passed, shipped_fp16.parity.failures
     gates = shipped_fp16.parity.accuracy
@@ -70,6 +71,7 @@ def test_onnx_fp16_of_the_shipped_weights_passes_with_the_default_keeps(shipped_
     assert keeps["defaults"] and "head" in keeps["modules"]
 
 
+@pytest.mark.slow  # the shipped weights' fp16 export, gated on 370 inputs: 12 s
 def test_inspect_reports_what_is_in_the_graph(shipped_fp16):
     path = shipped_fp16.path
     model = onnx.load(str(path))
@@ -85,6 +87,7 @@ def test_inspect_reports_what_is_in_the_graph(shipped_fp16):
     assert info["manifest"]["precision"] == "fp16"
 
 
+@pytest.mark.slow  # the shipped weights' fp16 export, gated on 370 inputs: 12 s
 def test_inspect_counts_match_the_deploy_form(shipped_fp16):
     """Known counts, from the PyTorch deploy form rather than from the ONNX file inspect reads."""
     from mixformer_deploy.source import load_source
@@ -106,6 +109,7 @@ def test_inspect_of_fp32_has_no_keeps_and_counts_every_op(tmp_path):
     assert sum(info["ops"].values()) == info["nodes"] == len(onnx.load(str(path)).graph.node)
 
 
+@pytest.mark.slow  # the shipped weights' fp16 export, gated on 370 inputs: 12 s
 def test_onnx_fp16_tampered_fails_parity(shipped_fp16, tmp_path):
     model = onnx.load(str(shipped_fp16.path))
     from onnx import numpy_helper
