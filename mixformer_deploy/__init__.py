@@ -20,10 +20,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def to_deploy(model, input_size):
-    """The export-friendly deploy form of ``model`` at a static input size (see mixformer_deploy.deploy)."""
+def to_deploy(model, input_size, block: str = "classic"):
+    """The export-friendly deploy form of ``model`` at a static input size, with the "classic" or the
+    "compact" block (see mixformer_deploy.deploy)."""
     from .deploy import to_deploy as _to_deploy
-    return _to_deploy(model, input_size)
+    return _to_deploy(model, input_size, block)
 
 
 def export(*args, **kwargs):

@@ -70,6 +70,35 @@ def _usable_cpus() -> int | None:
         return os.cpu_count()
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux)."""
+    line = (_read("/proc/stat") or "").partition("\n")[0].split()
+    if len(line) < 5 or line[0] != "cpu":
+        return None
+    ticks = [int(v) for v in line[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)   # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def free_cpus_now(sample_s: float = 0.1) -> int:
+    """The usable CPUs that other processes leave idle right now (a short /proc/stat sample, at least 1;
+    all usable CPUs where it cannot be read). Why: a runtime whose threads spin-wait (OpenMP's active
+    wait) on a core another process holds runs many times slower; the load average lags by a minute."""
+    import time
+
+    usable = _usable_cpus() or 1
+    first = _cpu_jiffies()
+    if first is None:
+        return usable
+    time.sleep(sample_s)
+    second = _cpu_jiffies()
+    total = (second[1] - first[1]) if second else 0
+    if total <= 0:
+        return usable
+    busy = (second[0] - first[0]) / total * (os.cpu_count() or usable)
+    return max(1, min(usable, int(usable - busy + 0.5)))
+
+
 def _cgroup_cpu_quota() -> float | None:
     """CPUs granted by a cgroup v2 quota (containers), when one is set."""
     text = _read("/sys/fs/cgroup/cpu.max")

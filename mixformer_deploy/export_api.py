@@ -212,7 +212,7 @@ def _deploy_form(job: _Job, keep_fp32, default_keeps: bool, calibration, calibra
     from .deploy.precision import resolve_keeps
 
     o = job.options
-    job.deploy = _to_deploy(job.reference, o.height, o.width)
+    job.deploy = _to_deploy(job.reference, o.height, o.width, getattr(o.target, "block", "classic"))
     if o.precision != "fp32":
         o.keeps = resolve_keeps(job.deploy, tuple(keep_fp32), default_keeps)
     if o.precision in job.spec.calibrated:
@@ -225,6 +225,7 @@ def _describe(job: _Job, head: str, out_norm: bool, keep_fp32, default_keeps: bo
     spec, o, h, w = job.spec, job.options, job.options.height, job.options.width
     m = job.manifest = base_manifest(job.source, spec.key, spec.runtime, h, w, o.batch, o.precision, spec.versions)
     m["target_options"], m["head"] = o.target.to_dict(), head
+    m["block_form"] = job.deploy.block_form
     if head == "none":
         m["outputs"] = job.reference.outputs(h, w, o.batch or "batch")
         m["out_indices"], m["out_norm"] = list(job.reference.out_indices), bool(out_norm)
@@ -304,10 +305,10 @@ def _converter_rejects(tmp_name: str, final_name: str):
         raise ExportError(f"the freshly exported artifact was rejected: {str(e).replace(tmp_name, final_name)}") from e
 
 
-def _to_deploy(model: torch.nn.Module, h: int, w: int):
+def _to_deploy(model: torch.nn.Module, h: int, w: int, block: str = "classic"):
     from .deploy import to_deploy
     try:
-        return to_deploy(model, (h, w))
+        return to_deploy(model, (h, w), block)
     except RewriteError:
         raise
     except Exception as e:

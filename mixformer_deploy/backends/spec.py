@@ -47,6 +47,12 @@ def option(default: Any, help: str, choices: tuple = ()) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
 
 
+def block_option():
+    """The option of every target whose exporter takes the deploy form as is: which block (deploy/compact.py)."""
+    return option("classic", "Deploy-form block: 'classic' (default) or 'compact' (window-ordered stages, fewer "
+                  "ops; same function).", ("classic", "compact"))
+
+
 @dataclass(frozen=True)
 class OptionInfo:
     """One option as the CLI and the profiles see it (generated from an Options dataclass field)."""

@@ -119,6 +119,7 @@ class DeployMixFormer(nn.Module):
         self.pool = TokenMean(h * w)
 
     output_names = ["logits"]   # the artifact's outputs: the last len(output_names) of stage_tensors
+    block_form = "classic"      # deploy/compact.py makes the "compact" form
 
     def stage_tensors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """stem and each stage's output as (B*H*W, C) tokens, features, logits: raw, no debug-only ops."""

@@ -108,9 +108,8 @@ class AotiRunner(CudaTimed, Runner):
         self.device = check_package_device(self.path, facts, device)
         self._dev = torch.device(self.device)
         self.precision = self.manifest.get("precision", "fp32")
-        self.threads = threads
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads or self._free_threads()
+        torch.set_num_threads(self.threads)
         batch = self.manifest.get("batch")
         self.fixed_batch = batch if isinstance(batch, int) else None
         self.max_batch = ((self.manifest.get("compile") or {}).get("batch") or {}).get("max") \
@@ -131,6 +130,20 @@ class AotiRunner(CudaTimed, Runner):
                                                            device_index=index)
         except Exception as e:
             raise ArtifactError(f"{self.path.name}: AOTInductor cannot load it ({one_line(e, 200)})") from e
+
+    def _free_threads(self) -> int:
+        """Without --threads, a CPU package runs on the CPUs other processes leave free: its OpenMP threads
+        spin-wait, and one spinning on a core another process holds made B1 2.5x slower here (a passive
+        wait instead cost 3.7x on a quiet machine; benchmarks/results/aoti-load-*.md)."""
+        from ...environment import free_cpus_now
+
+        if self._dev.type != "cpu":
+            return torch.get_num_threads()
+        free, usable = free_cpus_now(), torch.get_num_threads()
+        if free < usable:
+            log.info("aoti: %d of %d CPUs are busy: running on %d threads (--threads overrides)", usable - free,
+                     usable, free)
+        return min(free, usable)
 
     @classmethod
     def load(cls, artifact, device="cpu", threads=None, options=None) -> "AotiRunner":

@@ -15,7 +15,7 @@ from pathlib import Path
 from ...errors import ArtifactError, MissingBackendError, UsageError
 from ...manifest import parse_embedded
 from ...optional import version_of
-from ..spec import BF16, FP16, FP32, BackendSpec, Options, option
+from ..spec import BF16, FP16, FP32, BackendSpec, Options, block_option, option
 
 MANIFEST_FILE = "mixformer_deploy.manifest.json"   # under the archive's extra/ folder
 
@@ -156,6 +156,7 @@ class AotiOptions(Options):
     device: str = option("cpu", "Device the package is compiled for: cpu or cuda (a CUDA package needs CUDA "
                          "at export time).", ("cpu", "cuda"))
     max_batch: int = option(DEFAULT_MAX_BATCH, "Largest batch of a --batch dynamic package (default 64).")
+    block: str = block_option()
 
 
 class AotiSpec(BackendSpec):

@@ -10,7 +10,7 @@ from pathlib import Path
 from ...optional import require
 from ...errors import ArtifactError, UsageError
 from ...manifest import EMBED_KEY, parse_embedded
-from ..spec import FP16, FP32, INT8_PER_TENSOR, BackendSpec, Options, option
+from ..spec import FP16, FP32, INT8_PER_TENSOR, BackendSpec, Options, block_option, option
 
 
 def external_files(model, folder: Path) -> list[Path]:
@@ -107,13 +107,15 @@ def _from_dq(model, tensor: str) -> bool:
 
 SHAPE_OPS = {"Constant", "Shape", "Reshape", "Cast", "Identity", "Transpose", "Split", "Concat", "Slice",
              "Squeeze", "Unsqueeze", "Pad", "Flatten", "QuantizeLinear", "DequantizeLinear"}
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 20   # GELU as one Gelu op (17-19 spell it as five); --opset 17 for runtimes without opset 20
 
 
 @dataclass(frozen=True)
 class OnnxOptions(Options):
-    opset: int = option(DEFAULT_OPSET, "ONNX opset (default 17; LayerNormalization needs >= 17).")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset (default 20: GELU as one op; 17 for runtimes without opset 20, "
+                                        "the oldest with LayerNormalization).")
     simplify: bool = option(True, "Simplify the graph with onnxslim (default true).")
+    block: str = block_option()
 
 
 class OnnxSpec(BackendSpec):

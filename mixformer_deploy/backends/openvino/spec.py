@@ -14,7 +14,7 @@ from ...artifact import sha256_file
 from ...errors import ArtifactError, MissingBackendError, UsageError, one_line
 from ...manifest import parse_embedded
 from ...optional import require, version_of
-from ..spec import FP16, FP32, INT8_PER_TENSOR, BackendSpec, Options, Tolerance, option
+from ..spec import FP16, FP32, INT8_PER_TENSOR, BackendSpec, Options, Tolerance, block_option, option
 
 XML, BIN = "model.xml", "model.bin"
 RT_SECTION = "mixformer_deploy"       # rt_info/<mixformer_deploy>/<manifest value=...>, <bin_sha256 value=...>
@@ -172,6 +172,7 @@ class OpenVinoOptions(Options):
                              "quantize (fused: +4).", ("frontend", "fused"))
     bias_correction: str = option("fast", "int8: NNCF bias correction (fast: the fast variant; full: the slower "
                                   "exact one; none: off).", ("fast", "full", "none"))
+    block: str = block_option()
 
 
 class OpenVinoSpec(BackendSpec):

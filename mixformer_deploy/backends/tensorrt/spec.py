@@ -11,7 +11,7 @@ from pathlib import Path
 from ...errors import ArtifactError, UsageError
 from ..onnx.spec import SPEC as ONNX_SPEC
 from ..onnx.spec import embedded_manifest, external_files, load_onnx
-from ..spec import FP16, BackendSpec, Options, Tolerance, option
+from ..spec import FP16, BackendSpec, Options, Tolerance, block_option, option
 from .lint import DEFAULT_VERSION as DEFAULT_TRT_VERSION
 from .lint import VERSIONS as TRT_VERSIONS
 from .lint import lint
@@ -37,6 +37,7 @@ def is_engine(path: Path) -> bool:
 @dataclass(frozen=True)
 class TensorRtOptions(Options):
     onnx_only: bool = option(False, "Stop after the TensorRT-ready ONNX (exit 0); no engine build.")
+    block: str = block_option()
     min_batch: int = option(1, "Smallest batch of the engine's optimization profile (dynamic batch; default 1).")
     opt_batch: int = option(8, "Batch TensorRT tunes kernels for (dynamic batch; default 8, at least --min-batch).")
     max_batch: int = option(32, "Largest batch of the engine's profile (dynamic batch; default 32, at least "
