@@ -37,6 +37,8 @@ bench: setup
 	$(BIN)/python benchmarks/mobile_bench.py
 	$(BIN)/python benchmarks/onnx_fp16_keeps.py
 	$(BIN)/python benchmarks/backbone_bench.py
+	$(BIN)/python benchmarks/block_forms.py
+	$(BIN)/python benchmarks/aoti_load.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -102,3 +102,27 @@ def test_a_rewrite_that_changes_the_function_stops_the_export(tmp_path, monkeypa
         export_api.export(Path(__file__).parent / "data" / "tiny.pdparams", img_size=64, output=tmp_path, check=False)
     assert e.value.exit_code == 5 and "0.0003" in str(e.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_compact_block_is_the_same_function_with_fewer_ops(official_tiny, photo_batches):
+    """224: every stage's windows tile its map, so every block is compact; 256x192: none do (classic)."""
+    import io
+    import onnx
+    from mixformer_deploy.deploy.compact import WindowStage
+
+    x = photo_batches[(224, 224)]
+    compact, classic = to_deploy(official_tiny, 224, "compact"), to_deploy(official_tiny, 224)
+    assert compact.block_form == "compact" and all(isinstance(s, WindowStage) for s in compact.stages)
+    with torch.no_grad():
+        assert rel_l2(compact(x), official_tiny(x)) <= TOL
+        stages, ref = compact.forward_stages(x), official_tiny.forward_stages(x)
+    assert all(rel_l2(stages[k], ref[k]) <= 5 * TOL for k in ("stage0", "stage3"))
+    nodes = {}
+    for name, model in (("compact", compact), ("classic", classic)):
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=20)
+        nodes[name] = len(onnx.load_from_string(buf.getvalue()).graph.node)
+    assert nodes["compact"] < nodes["classic"], nodes
+    assert to_deploy(official_tiny, (256, 192), "compact").block_form == "classic"
+    with pytest.raises(UsageError, match="block form"):
+        to_deploy(official_tiny, 224, "fast")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import artifact_bytes, backends, copy_artifact, plan_of
+from conftest import artifact_bytes, backends, copy_artifact, costly, plan_of
 
 from mixformer_deploy.artifact import read_manifest, sidecar_path, target_of
 
@@ -17,7 +17,7 @@ IMPORTANT = ("schema", "target", "runtime", "variant", "config", "num_classes", 
              "rewrite_error_rel_l2")
 
 
-@pytest.mark.parametrize("spec", backends())
+@pytest.mark.parametrize("spec", backends(slow=costly))   # the costly ones' own modules export them in the default run
 def test_export_writes_the_artifact_whole_under_its_final_name_with_a_sidecar(spec, exported):
     result = exported(spec)
     path, size = result.path, plan_of(spec).size
@@ -35,7 +35,7 @@ def test_export_writes_the_artifact_whole_under_its_final_name_with_a_sidecar(sp
     assert target_of(path).key == spec.key
 
 
-@pytest.mark.parametrize("spec", backends("embedded_manifest"))
+@pytest.mark.parametrize("spec", backends("embedded_manifest", slow=costly))
 def test_the_embedded_manifest_says_what_the_sidecar_says(spec, exported, tmp_path):
     path = exported(spec).path
     side = json.loads(sidecar_path(path).read_text())

@@ -90,7 +90,10 @@ def embedded_manifest(path: str | Path) -> dict | None:
 
 def module_of(node_name: str) -> str:
     """The deploy-form module an exported node came from: '/stages.0/stages.0.0/norm1/...' -> the last
-    dotted scope ('stages.0.0.norm1' style names are rebuilt from the scope path)."""
+    dotted scope ('stages.0.0.norm1' style names are rebuilt from the scope path). A name that is not UTF-8
+    (a damaged file: protobuf hands it over as bytes) is read with replacement characters."""
+    if isinstance(node_name, bytes):
+        node_name = node_name.decode("utf-8", "replace")
     parts = [p for p in node_name.split("/") if p][:-1]
     scope = ""
     for p in parts:
