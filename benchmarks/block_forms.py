@@ -4,8 +4,8 @@
 
 Seeded weights, 224x224, batch 1, 2 threads. Run 1 (B1, every artifact in its own worker, interleaved):
 the naive path (torch.onnx.export of the reference at opset 17, unsimplified, and the same simplified by
-onnxslim) on onnxruntime; ONNX fp32 and int8, OpenVINO f32, int8 and the bf16 runtime setting, AOTInductor
-fp32 in both block forms; LiteRT fp32 and int8 (classic block: the XNNPACK form derives from it). Run 2:
+onnxslim) on onnxruntime; ONNX fp32 and int8, OpenVINO f32, int8 and the bf16 runtime setting, AOTInductor,
+ExecuTorch and LiteRT fp32, LiteRT int8, each in both block forms. Run 2:
 ONNX and OpenVINO f32 of every variant in both block forms. int8 calibrates on models/examples. The FLOP
 floor is measured in the same run (bench). Writes results/block-forms-<machine-slug>.{json,md}.
 """
@@ -75,7 +75,8 @@ def b1_subjects(work: Path, threads: int) -> tuple[list, dict]:
 
     plan = [("onnx", "fp32", f) for f in FORMS] + [("onnx", "int8", f) for f in FORMS] + \
         [("openvino", "fp32", f) for f in FORMS] + [("openvino", "int8", f) for f in FORMS] + \
-        [("aoti", "fp32", f) for f in FORMS] + [("litert", "fp32", None), ("litert", "int8", None)]
+        [(t, "fp32", f) for t in ("aoti", "executorch", "litert") for f in FORMS] + \
+        [("litert", "int8", f) for f in FORMS]
     paths = {(t, p, f or "classic"): export_one(work, "B1", t, p, f) for t, p, f in plan}
     manifest = json.loads(Path(str(paths["onnx", "fp32", "classic"]) + ".json").read_text())
     subjects = [artifact_subject(p, "auto", "cpu", threads) for p in naive_paths(work, "B1", manifest)]
@@ -120,7 +121,8 @@ def goals(t: dict[str, float], nodes: dict, floor: dict[str, float]) -> list[tup
     fp32 = {k: v for k, v in gated.items() if "fp32" in k}
     fastest32 = min(fp32, key=fp32.get)
     rows = [("ONNX nodes of B1 / 15 blocks", " / ".join(f"{f} {nodes[f]['nodes'] / 15:.1f}" for f in FORMS), "<= 40")]
-    for label in ("onnx fp32", "openvino fp32", "openvino int8", "aoti fp32"):
+    for label in ("onnx fp32", "openvino fp32", "openvino int8", "aoti fp32", "executorch fp32", "litert fp32",
+                  "litert int8"):
         rows.append((f"compact vs classic, {label}", r(f"{label} classic", f"{label} compact"), ">= 1.25x"))
     rows += [("rewrite's share: deploy form (classic) vs naive + onnxslim, onnxruntime",
               r("naive + onnxslim", "onnx fp32 classic"), ">= 1.5x"),

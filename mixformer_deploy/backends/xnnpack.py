@@ -44,7 +44,8 @@ from ..deploy.precision import kept_by
 from ..errors import ExportError, RewriteError, UsageError, one_line
 from ..optional import require
 from ..deploy.layers import AttentionLogits, TokenMean, TokenPointwise, WindowAttention, partition
-from ..deploy.model import DeployBlock, DeployMixFormer
+from ..deploy.compact import CompactBlock
+from ..deploy.model import DeployBlock, DeployMixFormer, adopt_block
 
 
 class XnnLayerNorm(nn.Module):
@@ -140,10 +141,7 @@ class XnnBlock(DeployBlock):
 
     def __init__(self, block: DeployBlock):
         nn.Module.__init__(self)
-        for name in ("ws", "h", "w", "hp", "wp", "n_windows"):
-            setattr(self, name, getattr(block, name))
-        for name, child in block.named_children():
-            setattr(self, name, child)
+        adopt_block(self, block)
         for name in ("channel_interaction", "projection", "spatial_interaction"):
             setattr(self, name, _linear_seq(getattr(block, name)))
         self.attention = XnnWindowAttention(block.attention)
@@ -161,6 +159,26 @@ class XnnBlock(DeployBlock):
         o = (o.reshape(-1, self.n_windows * n, half) * gate.reshape(-1, 1, half)).reshape(-1, half)
         c = self.conv_norm(torch.sigmoid(self.spatial_interaction(o)) * c)
         return self.proj(torch.cat([self.attn_norm(o), c], dim=-1))
+
+
+class XnnCompactBlock(CompactBlock):
+    """A CompactBlock (deploy/compact.py) with XnnBlock's swaps: Linear interactions, rank-3 bmm attention,
+    the channel mean as global average pooling."""
+
+    def __init__(self, block: CompactBlock):
+        nn.Module.__init__(self)
+        adopt_block(self, block)
+        for name in ("channel_interaction", "spatial_interaction"):
+            setattr(self, name, _linear_seq(getattr(block, name)))
+        self.attention = XnnWindowAttention(block.attention)
+
+    def _channel_mean(self, c: torch.Tensor) -> torch.Tensor:
+        return c.mean(dim=(2, 3), keepdim=True).reshape(-1, c.shape[1])
+
+    def _gated_attention(self, a: torch.Tensor, n: int, gate: torch.Tensor) -> torch.Tensor:
+        o = self.attention(a, n)
+        half = o.shape[-1]
+        return (o.reshape(-1, self.n_windows * n, half) * gate.reshape(-1, 1, half)).reshape(-1, half)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -198,9 +216,13 @@ def to_xnnpack(deploy: DeployMixFormer) -> DeployMixFormer:
     counts = {"blocks": 0, "layer_norms": 0, "pool": 0}
     for stage in model.stages:
         for i, block in enumerate(stage):
-            if isinstance(block, DeployBlock) and not isinstance(block, XnnBlock):
+            if isinstance(block, (XnnBlock, XnnCompactBlock)):
+                continue
+            if isinstance(block, CompactBlock):
+                stage[i] = XnnCompactBlock(block)
+            elif isinstance(block, DeployBlock):
                 stage[i] = XnnBlock(block)
-                counts["blocks"] += 1
+            counts["blocks"] += 1
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.LayerNorm):
             parent_name, _, child = name.rpartition(".")

@@ -208,6 +208,27 @@ def print_regression(reg: dict) -> None:
                        f"({pct(e['ratio'])}, 95% CI {pct(e['low'])}..{pct(e['high'])}): {e['status']}")
 
 
+def _report(doc: dict, json_out: Path | None, markdown: Path | None, plot: Path | None) -> None:
+    """The files asked for (each whole or not at all), then the table (and the regression verdict) on stdout."""
+    from ..bench import hold_for_test
+    from ..reports.bench_json import write_results
+
+    if json_out:
+        write_results(json_out, doc)
+    hold_for_test("write")
+    if markdown:
+        _write_markdown(markdown, doc, plot)
+    if plot:
+        from ..reports.plots import labelled_rows, latency_distribution
+        latency_distribution(labelled_rows([doc]), plot)
+    print_results(doc)
+    if doc.get("regression") is not None:
+        print_regression(doc["regression"])
+    for path in (json_out, markdown, plot):
+        if path:
+            typer.echo(f"wrote {path}")
+
+
 @app.command("bench", rich_help_panel=PANEL)
 def bench(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifacts (.onnx, ...) or weights files (run by the torch runtime).", show_default=False)],
@@ -238,7 +259,7 @@ def bench(
     is slower than the baseline's beyond --max-regression, judged by a bootstrap confidence interval of
     the ratio of medians; a baseline from another machine only warns.
     """
-    from ..bench import Policy, benchmark, hold_for_test
+    from ..bench import Policy, benchmark
     from ..regression import compare, parse_threshold
     from ..reports.bench_json import read_results, write_results
 
@@ -262,20 +283,7 @@ def bench(
             if json_out:   # a baseline that does not fit (exit 4) does not lose the run
                 write_results(json_out, doc)
             raise
-    if json_out:
-        write_results(json_out, doc)
-    hold_for_test("write")
-    if markdown:
-        _write_markdown(markdown, doc, plot)
-    if plot:
-        from ..reports.plots import labelled_rows, latency_distribution
-        latency_distribution(labelled_rows([doc]), plot)
-    print_results(doc)
-    if base is not None:
-        print_regression(doc["regression"])
-    for path in (json_out, markdown, plot):
-        if path:
-            typer.echo(f"wrote {path}")
+    _report(doc, json_out, markdown, plot)
     reg = doc.get("regression")
     if reg and reg["verdict"] == "regressed":
         more = f" (and {len(reg['messages']) - 1} more)" if len(reg["messages"]) > 1 else ""

@@ -59,12 +59,7 @@ def export_cmd(
     from ..profiles import load_profile
 
     if (target or "").strip().lower() == ALL:
-        if profile:
-            raise UsageError("--profile describes one target's export: it does not combine with --target all")
-        given = sorted("--" + k.replace("_", "-") for k, v in target_opts.items() if v is not None)
-        if given:
-            raise UsageError(f"{', '.join(given)}: per-target options do not combine with --target all "
-                             "(export that target alone to use them)")
+        _check_all_request(profile, target_opts)
         return _export_all(
             as_json=as_json, weights=weights, variant=variant, img_size=img_size, batch=batch, precision=precision,
             keep_fp32=tuple(keep_fp32 or ()), default_keeps=default_keeps, calibration=calibration,
@@ -86,6 +81,16 @@ def export_cmd(
     else:
         result = export(**kwargs)
     _print_result(result, as_json)
+
+
+def _check_all_request(profile: str | None, target_opts: dict) -> None:
+    """--target all takes the generic options only: a profile or a target's own option names one target."""
+    if profile:
+        raise UsageError("--profile describes one target's export: it does not combine with --target all")
+    given = sorted("--" + k.replace("_", "-") for k, v in target_opts.items() if v is not None)
+    if given:
+        raise UsageError(f"{', '.join(given)}: per-target options do not combine with --target all "
+                         "(export that target alone to use them)")
 
 
 def _with_profile(prof: dict, target_opts: dict, **given) -> dict:
@@ -128,10 +133,7 @@ def _print_result(result, as_json: bool) -> None:
 def _export_all(as_json: bool, **given) -> None:
     """--target all (mixformer_deploy.export_all): one table on stdout, or the JSON alone; summary.md in the
     output directory, whose path is the last line; exit 1 if a built artifact failed its gate."""
-    import sys
-    from contextlib import ExitStack, redirect_stdout
-
-    import logging
+    from contextlib import ExitStack
 
     from ..export_all import export_all
     from ..reports.export_table import print_table
@@ -144,13 +146,7 @@ def _export_all(as_json: bool, **given) -> None:
     if args["head"] == "classifier" and given["out_indices"] is None and not args["out_norm"]:
         args = {k: v for k, v in args.items() if k not in ("head", "out_indices", "out_norm")}  # export's defaults
     args["precisions"] = args.pop("precision")
-    ours = logging.Filter("mixformer_deploy")  # seven converters' info chatter would bury ours: their warnings stay
-    only_ours = lambda record: record.levelno >= logging.WARNING or ours.filter(record)  # noqa: E731
-    with ExitStack() as stack:
-        stack.enter_context(redirect_stdout(sys.stderr))  # stdout carries the table (or the JSON) alone
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(only_ours)
-            stack.callback(handler.removeFilter, only_ours)
+    with ExitStack() as stack:   # converters and runtimes are quiet already (quiet.captured, per export)
         progress = None
         if show_progress() and not quiet():
             from rich.console import Console

@@ -157,12 +157,16 @@ def _yes(v) -> str:
 
 
 def _print_human(info: dict) -> None:
-    from rich.table import Table
-
     console = make_console()
-    m, w, hw = info["model"], info["weights"], info["hardware"]
-    if m["inferred"]:
-        console.print(f"inferred: {m['description']}", markup=False)
+    if info["model"]["inferred"]:
+        console.print(f"inferred: {info['model']['description']}", markup=False)
+    console.print(_model_table(info["model"], info["weights"]))
+    console.print(_backends_table(info["backends"]))
+    console.print(_hardware_table(info["hardware"]))
+
+
+def _model_table(m: dict, w: dict):
+    from rich.table import Table
 
     t = Table(title="Model", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -187,17 +191,25 @@ def _print_human(info: dict) -> None:
                 t.add_row(k, escape(", ".join(map(str, v)) if isinstance(v, list) else str(v)))
     else:
         t.add_row("weights", f"[yellow]seeded random (seed {w['seed']})[/]: latency and parity only, not accuracy")
-    console.print(t)
+    return t
+
+
+def _backends_table(backends: dict):
+    from rich.table import Table
 
     b = Table(title="Backends", title_justify="left")
     for col in ("backend", "package", "version", "export", "run here", "devices / notes"):
         b.add_column(col)
-    for key, e in info["backends"].items():
+    for key, e in backends.items():
         note = e["note"].removeprefix("not installed: ")
         notes = ", ".join(e["devices"]) + ("; " if e["devices"] and note else "") + note
         b.add_row(key, e["package"], e["version"] or "[dim]not installed[/]", _yes(e["can_export"]),
                   _yes(e["can_run"]), escape(notes))
-    console.print(b)
+    return b
+
+
+def _hardware_table(hw: dict):
+    from rich.table import Table
 
     g = Table(title="Hardware", show_header=False, title_justify="left")
     g.add_column(style="bold")
@@ -218,7 +230,7 @@ def _print_human(info: dict) -> None:
         else:
             extra = ", ".join(f"{k} {gpu[k]}" for k in ("driver", "cuda", "compute_capability") if gpu.get(k))
             g.add_row(f"gpu {i}", f"{gpu['name']}, {_mib(gpu.get('memory_bytes'))}" + (f", {extra}" if extra else ""))
-    console.print(g)
+    return g
 
 
 @app.command("info", rich_help_panel="Inspect")

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import RewriteError
 from .layers import ChannelBias, partition, reverse
-from .model import DeployBlock, DeployMixFormer
+from .model import DeployBlock, DeployMixFormer, adopt_block
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,7 @@ class CompactBlock(DeployBlock):
         nn.Module.__init__(self)
         if block.hp != block.h or block.wp != block.w:
             raise RewriteError("a compact block needs a map its windows tile (no padding)")
-        for name in ("ws", "h", "w", "hp", "wp", "n_windows"):
-            setattr(self, name, getattr(block, name))
-        for name, child in block.named_children():
-            setattr(self, name, child)
+        adopt_block(self, block)
         self.projection = _pointwise_conv(block.projection.seq[0])
         _fold_channel_bias(self)
 
@@ -88,12 +85,16 @@ class CompactBlock(DeployBlock):
         ws, n = self.ws, self.ws * self.ws
         a = self.proj_attn_norm(self.proj_attn(y))
         c = self.dwconv3x3(windows_to_nchw(self.proj_cnn_norm(self.proj_cnn(y)), ws, self.h, self.w))
-        gate = torch.sigmoid(self.channel_interaction(c.mean(dim=(2, 3))))      # (B, C/2)
+        gate = torch.sigmoid(self.channel_interaction(self._channel_mean(c)))     # (B, C/2)
         c = nchw_to_windows(self.projection(c), ws)                               # (B*N, C/2)
         o = self._gated_attention(a, n, gate)
         c = torch.sigmoid(self.spatial_interaction(o)) * c
         x = x + self.proj(torch.cat([self.attn_norm(o), c], dim=-1))
         return x + self.mlp(self.norm2(x))
+
+    def _channel_mean(self, c: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C)."""
+        return c.mean(dim=(2, 3))
 
     def _gated_attention(self, a: torch.Tensor, n: int, gate: torch.Tensor) -> torch.Tensor:
         """Window attention of window tokens a, its output gated per image and channel -> (B*N, C/2)."""

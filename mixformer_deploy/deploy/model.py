@@ -86,6 +86,15 @@ class DeployBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def adopt_block(new: nn.Module, block: DeployBlock) -> None:
+    """Give ``new`` (a DeployBlock subclass instance, nn.Module.__init__ done) ``block``'s static sizes and
+    its modules, shared: how every derived block form (compact, XNNPACK, ncnn) starts."""
+    for name in ("ws", "h", "w", "hp", "wp", "n_windows"):
+        setattr(new, name, getattr(block, name))
+    for name, child in block.named_children():
+        setattr(new, name, child)
+
+
 class DeployMerge(nn.Module):
     def __init__(self, ref, height: int, width: int):
         super().__init__()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import MICRO, backends, needs_export, plan_of
+from conftest import MICRO, backends, costly, needs_export, plan_of
 from mixformer_deploy.export_api import export
 
 
@@ -16,7 +16,7 @@ def offers_block(spec) -> bool:
     return any(o.name == "block" for o in spec.options)
 
 
-@pytest.mark.parametrize("spec", backends(where=offers_block, slow=lambda s: s.key == "aoti"))
+@pytest.mark.parametrize("spec", backends(where=offers_block, slow=costly))
 def test_compact_block_passes_parity_and_is_recorded(spec, tiny_weights, tmp_path):
     needs_export(spec)
     weights, base = tiny_weights(MICRO), dict(plan_of(spec).target_options)

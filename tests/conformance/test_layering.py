@@ -63,7 +63,8 @@ def fresh_runs(request, exported, weights_of):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("spec", backends())
+# AOTInductor's conformance export is a C++ compile (~20 s) that no other default test needs: slow run only
+@pytest.mark.parametrize("spec", backends(slow=lambda s: s.key == "aoti"))
 def test_running_an_artifact_never_imports_an_exporter(spec, exported, fresh_runs):
     exported(spec)   # skips or fails as the export does
     assert fresh_runs["at_start"] == [], "importing the registry and parity loads exporters"

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...errors import ArtifactError, MissingBackendError, UsageError, one_line
 from ...manifest import parse_embedded
 from ...optional import require
-from ..spec import FP32, INT8_PER_TENSOR, BackendSpec, Options, option
+from ..spec import FP32, INT8_PER_TENSOR, BackendSpec, Options, block_option, option
 
 MANIFEST_METHOD = "mixformer_manifest"   # a method returning the manifest's UTF-8 JSON as a uint8 tensor
 _SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "fp16", 6: "fp32", 7: "fp64",
@@ -95,6 +95,7 @@ def graph_form_option():
 @dataclass(frozen=True)
 class ExecuTorchOptions(Options):
     graph_form: str = graph_form_option()
+    block: str = block_option()
 
 
 class ExecuTorchSpec(BackendSpec):

@@ -12,7 +12,7 @@ from ...errors import ArtifactError, MissingBackendError, UsageError, one_line
 from ...manifest import EMBED_KEY, parse_embedded
 from ...optional import require
 from ..executorch.spec import graph_form_option  # the same XNNPACK graph forms
-from ..spec import FP16, FP32, INT8_PER_TENSOR, BackendSpec, Options
+from ..spec import FP16, FP32, INT8_PER_TENSOR, BackendSpec, Options, block_option
 
 TFLITE_ID = b"TFL3"
 SCHEMA = "ai_edge_litert.schema_py_generated"
@@ -95,6 +95,7 @@ def ops_per_precision(model, schema) -> dict:
 @dataclass(frozen=True)
 class LiteRtOptions(Options):
     graph_form: str = graph_form_option()
+    block: str = block_option()
 
 
 class LiteRtSpec(BackendSpec):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...deploy.layers import WindowAttention
-from ...deploy.model import DeployBlock, DeployMerge, DeployMixFormer, DeployStem
+from ...deploy.model import DeployBlock, DeployMerge, DeployMixFormer, DeployStem, adopt_block
 from ...errors import RewriteError
 
 
@@ -89,10 +89,7 @@ class NcnnBlock(DeployBlock):
 
     def __init__(self, block: DeployBlock):
         nn.Module.__init__(self)
-        for name in ("ws", "h", "w", "hp", "wp", "n_windows"):
-            setattr(self, name, getattr(block, name))
-        for name, child in block.named_children():
-            setattr(self, name, child)
+        adopt_block(self, block)
 
     def mix(self, y: torch.Tensor) -> torch.Tensor:
         """DeployBlock.mix: padded tokens (1, B*Hp*Wp, C) -> window tokens (1, B*nW*N, C)."""
