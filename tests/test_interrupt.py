@@ -225,3 +225,19 @@ def test_ctrl_c_in_export_exits_130_and_leaves_no_artifact(delay, tmp_path):
     assert names in ([], [ONNX_NAME, ONNX_NAME + ".json"]), names   # published whole, or not at all
     if names:
         assert json.loads((out / names[1]).read_text())["target"] == "onnx"
+
+
+@pytest.mark.onnx
+def test_ctrl_c_after_the_result_is_out_changes_nothing(tmp_path):
+    """SIGINT the moment the artifact's path is on stdout, while the interpreter tears its libraries down:
+    exit 0 and no KeyboardInterrupt traceback (Python restores SIGINT's default at shutdown; the CLI leaves
+    it ignored once the command has returned)."""
+    pytest.importorskip("onnxruntime")
+    proc = subprocess.Popen([sys.executable, "-m", "mixformer_deploy", "export", "-w", str(WEIGHTS), "--img-size",
+                             "64", "--no-check", "--output", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_it)
+    path = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert path.endswith(ONNX_NAME) and Path(path).is_file(), (path, err[-1000:])
+    assert proc.returncode == 0 and "KeyboardInterrupt" not in err and "Traceback" not in err, err[-2000:]

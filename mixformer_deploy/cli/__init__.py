@@ -21,7 +21,12 @@ def main() -> None:
     from .app import main as run_app
 
     signal.signal(signal.SIGINT, previous)   # from here on a Ctrl-C is a KeyboardInterrupt the app maps
-    run_app()
+    try:
+        run_app()
+    finally:
+        # the result is out: a Ctrl-C while the interpreter tears its libraries down must not turn the exit
+        # code into a death by signal (Python restores SIGINT's default at shutdown, but leaves an ignore)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def __getattr__(name: str):
