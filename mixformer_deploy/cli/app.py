@@ -141,7 +141,7 @@ def _load_commands() -> None:
 
     from ..backends import all_specs
 
-    for name in ("bench_cmd", "export_cmd", "info_cmd", "inspect_cmd", "parity_cmd", "report_cmd"):
+    for name in ("bench_cmd", "debug_cmd", "export_cmd", "info_cmd", "inspect_cmd", "parity_cmd", "report_cmd"):
         importlib.import_module(f"{__package__}.{name}")
     for spec in all_specs():
         if spec.cli_module:

@@ -171,6 +171,8 @@ def parity(
     max_accuracy_drop: Annotated[Optional[str], typer.Option("--max-accuracy-drop", help="Extra misclassified images allowed: N or P% (default by precision: int8 3 of the 360 held-out digits or 1% of a folder; fp16/bf16 1 or 0.3%).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (for CI).")] = None,
+    localize: Annotated[bool, typer.Option("--localize", help="On failure, run `debug` on the artifact: the "
+                                                              "first block and branch beyond budget (exports probes).")] = False,
 ):
     """Check that an artifact computes the reference function: exit 0 pass, 1 fail (names the first
     diverging stage), 4 bad artifact or weights."""
@@ -191,7 +193,28 @@ def parity(
         write_junit(report, junit)
     if not report.passed:
         where = f"; first diverging stage: {report.first_failing_stage}" if report.first_failing_stage else ""
+        if localize:
+            where += "; " + _localized(artifact, weights, inputs, threads, runtime_option)
+        else:
+            where += f"; localize it by block: mixformer-deploy debug {artifact}" + (f" -w {weights}" if weights else "")
         raise ParityError(f"parity failed: {report.failures[0] if report.failures else 'see report'}{where}")
+
+
+def _localized(artifact: Path, weights, inputs, threads, runtime_option) -> str:
+    """``parity --localize``: the debug command's report and verdict. It exports probes, so it imports the
+    artifact's exporter (the one exception to "parity imports no exporter")."""
+    from ..debug import debug_artifact
+    from .debug_cmd import print_debug_report
+
+    from ..errors import MixformerDeployError
+
+    try:
+        report = debug_artifact(artifact, weights=weights, inputs=inputs, threads=threads,
+                                runtime_options=parse_runtime_options(runtime_option))
+    except MixformerDeployError as e:  # the gate's verdict stands; the localization's failure is said
+        return f"cannot localize: {e}"
+    print_debug_report(report)
+    return report.verdict()
 
 
 # ---------------------------------------------------------------- predict
