@@ -143,6 +143,8 @@ class _Case:
     options: object                     # ExportOptions as the artifact was exported
     x: np.ndarray
     batch: int | None
+    precision: str = "fp32"             # what the runtime computes in (a runtime option may lower it)
+    runtime_description: dict = field(default_factory=dict)
     exports: int = 0
 
 
@@ -159,12 +161,13 @@ def open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_
     if spec is None:
         raise UsageError(f"{path.name}: debug needs an exported artifact (a manifest naming its target)")
     runtime, options = _usable_runtime(path, "auto", runtime_options)
+    precision, description = runtime_facts(path, runtime, options, threads, manifest)  # a bad artifact fails here
     ref = resolve_reference(path, manifest, weights, warnings)
     own = _artifact_model(path, manifest, weights, artifact_weights, ref, warnings)
     x = _inputs(manifest, ref, inputs, random_count)
     export_options = _export_options(spec, manifest, calibration, warnings)
     return _Case(path, manifest, spec, runtime, options, threads, own, ref.model, export_options, x,
-                 fixed_batch(manifest))
+                 fixed_batch(manifest), precision, description)
 
 
 def _artifact_model(path, manifest, weights, artifact_weights, ref, warnings):
@@ -300,13 +303,13 @@ def probe_points(case: _Case, points: list[str], folder: Path) -> tuple[list, li
     return got, reference_points(case, points)
 
 
-def runtime_facts(case: _Case) -> tuple[str, dict]:
+def runtime_facts(path: Path, runtime: str, options: dict, threads, manifest: dict) -> tuple[str, dict]:
     """(the precision the runtime computes in (a runtime option may lower it: OpenVINO bf16), the
-    runtime's description)."""
+    runtime's description): the artifact is opened first, so a bad one is the only error."""
     from .backends import open_runner
-    runner = open_runner(case.artifact, case.runtime, "cpu", threads=case.threads, options=case.runtime_options)
+    runner = open_runner(path, runtime, "cpu", threads=threads, options=options)
     try:
-        return getattr(runner, "precision", None) or case.manifest.get("precision") or "fp32", runner.describe()
+        return getattr(runner, "precision", None) or manifest.get("precision") or "fp32", runner.describe()
     finally:
         runner.close()
 
@@ -321,8 +324,8 @@ def debug_artifact(artifact, weights=None, artifact_weights=None, inputs=None, c
     start, warnings = time.perf_counter(), []
     case = open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_options or {}, threads,
                      random_count, warnings)
-    precision, runtime = runtime_facts(case)
-    report = DebugReport(str(case.artifact), case.spec.key, runtime, precision,
+    precision = case.precision
+    report = DebugReport(str(case.artifact), case.spec.key, case.runtime_description, precision,
                          case.manifest.get("block_form") or "classic",
                          {"growth": GROWTH, "local": LOCAL_BUDGET.get(precision, LOCAL_BUDGET["int8"]),
                           "rule": "rel L2 <= growth x entering rel L2 + local"},

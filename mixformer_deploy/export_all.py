@@ -212,6 +212,8 @@ def _check_arguments(precisions, img_size, output, calibration, calibration_size
     reduced = [p for p in precisions if p != "fp32"]
     if (keep_fp32 or not default_keeps) and not reduced:
         raise UsageError("--keep-fp32 / --no-default-keeps apply to reduced precisions, not fp32")
+    if "auto" in (keep_fp32 or ()):
+        raise UsageError("--keep-fp32 auto searches one target at a time: give --target")
     if calibration is not None:
         if not any(p in t.calibrated for t in all_specs(exporting=True) for p in precisions):
             raise UsageError(f"--calibration applies to calibrated precisions (int8), not {', '.join(precisions)}")

@@ -144,7 +144,8 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
            calibration: str | Path | None = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
            target_options: dict | None = None, accuracy_set: str | Path | None = None,
            max_accuracy_drop: str | None = None, source: SourceModel | None = None, head: str = "classifier",
-           out_indices: str | tuple[int, ...] | None = None, out_norm: bool = False) -> ExportResult:
+           out_indices: str | tuple[int, ...] | None = None, out_norm: bool = False,
+           keep_search: dict | None = None) -> ExportResult:
     """Export weights to a target's artifact and (unless check=False) gate it on parity and accuracy.
 
     ``check``: None (the default) runs the parity gate where the target's runtime can run here, and
@@ -153,17 +154,44 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
     exports of one model read them once. ``head="none"``: a backbone artifact whose outputs are the
     feature maps of the stages in ``out_indices`` (features_0..3, NCHW), each after its LayerNorm from
     the checkpoint with ``out_norm``. The steps: check the request (before any weights are read) ->
-    resolve the source -> deploy form -> manifest -> write, gate and publish -> the backend's follow-up."""
+    resolve the source -> deploy form -> manifest -> write, gate and publish -> the backend's follow-up.
+    ``keep_fp32`` holding "auto": the smallest float32 set is searched for (keep_search.py);
+    ``keep_search`` is that search's record, for the manifest."""
+    from .keep_search import AUTO
+
+    if AUTO in keep_fp32:
+        return _export_auto(dict(locals()))
     job = _check_request(target, batch, img_size, precision, head, out_indices, out_norm, check, keep_fp32,
                          default_keeps, calibration, target_options, output, inputs, accuracy_set,
                          max_accuracy_drop)
     _resolve_source(job, source or load_source(weights, variant, num_classes), img_size, head, out_indices, out_norm)
     _deploy_form(job, keep_fp32, default_keeps, calibration, calibration_size)
     _describe(job, head, out_norm, keep_fp32, default_keeps)
+    if keep_search is not None:
+        job.manifest["precision_keeps"]["search"] = keep_search
     result = _write_gate_publish(job, output, head, inputs, accuracy_set, max_accuracy_drop)
     if result.passed:
         result.after = job.spec.exporter().follow_up(result.path, job.options)
     return result
+
+
+def _export_auto(args: dict) -> ExportResult:
+    """``--keep-fp32 auto``: the request checked as a plain export would be, the weights read once, then
+    the search (keep_search.py)."""
+    from .keep_search import AUTO, check_auto, export_auto
+
+    args.pop("AUTO", None)
+    globs = tuple(g for g in args["keep_fp32"] if g != AUTO)
+    spec = get_spec(args["target"])
+    _check_request(args["target"], args["batch"], args["img_size"], args["precision"], args["head"],
+                   args["out_indices"], args["out_norm"], args["check"], globs, False, args["calibration"],
+                   args["target_options"], args["output"], args["inputs"], args["accuracy_set"],
+                   args["max_accuracy_drop"])
+    check_auto(spec, args["precision"])
+    if args["check"] is False:
+        raise UsageError("--keep-fp32 auto searches with the parity gate: it cannot run with --no-check")
+    args["source"] = args["source"] or load_source(args["weights"], args["variant"], args["num_classes"])
+    return export_auto(export, spec, args)
 
 
 def _check_request(target, batch, img_size, precision, head, out_indices, out_norm, check, keep_fp32,

@@ -121,6 +121,7 @@ class BackendSpec:
     suffix: str = ""                    # of the file, or of the directory when is_dir
     is_dir: bool = False                # the artifact is a directory (built beside, renamed whole)
     extra: str = ""
+    export_cost: str = "cheap"          # "costly": a compile or lowering per block (searches spend fewer exports)
     runtime: str = ""                   # the runtime key that runs this backend's artifacts ("" = none)
     runners: ClassVar[dict[str, str]] = {}   # runtime key -> runner class name in <package>.runner
     exporter_name: str = ""             # exporter class name in <package>.export ("" = exports nothing)

@@ -29,7 +29,7 @@ def export_cmd(
     img_size: Annotated[Optional[str], typer.Option("--img-size", help="N or HxW (height x width), multiples of 32. Default: the weights' training size, else 224.", rich_help_panel=GENERIC)] = None,
     batch: Annotated[Optional[str], typer.Option(help="1, N, or dynamic.", rich_help_panel=GENERIC)] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, fp16, bf16 or int8, as the target offers (reduced precisions keep float32 input and output).", rich_help_panel=GENERIC)] = None,
-    keep_fp32: Annotated[Optional[list[str]], typer.Option("--keep-fp32", help="Reduced precision: also keep these deploy-form modules in float32 (glob, repeatable, e.g. 'stages.3.*.attention').", rich_help_panel=GENERIC)] = None,
+    keep_fp32: Annotated[Optional[list[str]], typer.Option("--keep-fp32", help="Reduced precision: also keep these deploy-form modules in float32 (glob, repeatable, e.g. 'stages.3.*.attention'); 'auto' searches for the smallest set that passes the gate (int8).", rich_help_panel=GENERIC)] = None,
     default_keeps: Annotated[Optional[bool], typer.Option("--default-keeps/--no-default-keeps", help="Reduced precision: keep LayerNorm, attention logits + softmax, pooling + head in float32.", rich_help_panel=GENERIC)] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="int8: a folder of calibration images (default with the shipped weights: the digits training split).", rich_help_panel=GENERIC)] = None,
     calibration_size: Annotated[Optional[int], typer.Option("--calibration-size", help="int8: how many calibration images (default 300).", rich_help_panel=GENERIC)] = None,

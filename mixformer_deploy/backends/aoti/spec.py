@@ -175,6 +175,7 @@ class AotiSpec(BackendSpec):
     runs_here = "aoti (CPU; CUDA packages need CUDA)"
     verified = "Linux x86 CPU"
     # no "fp16": a CPU package computes fp32 or bf16, fp16 needs --device cuda
+    export_cost = "costly"
     capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest"})
 
     def check(self, options) -> None:

@@ -269,6 +269,7 @@ class CoreMlSpec(BackendSpec):
     title = "Core ML"
     runs_here = "conversion only; prediction needs macOS"
     verified = "conversion on Linux x86 CPU"
+    export_cost = "costly"
     capabilities = frozenset({"reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
 
     def check(self, options) -> None:

@@ -114,6 +114,7 @@ class ExecuTorchSpec(BackendSpec):
     title = "ExecuTorch"
     runs_here = "executorch (XNNPACK)"
     verified = "Linux x86 CPU"
+    export_cost = "costly"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "phone_bench"})
     phone_bench = "executor_runner"   # the on-device benchmark binary (phone.py drives it)
 

@@ -114,6 +114,7 @@ class LiteRtSpec(BackendSpec):
     title = "LiteRT"
     runs_here = "litert (XNNPACK)"
     verified = "Linux x86 CPU"
+    export_cost = "costly"
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "fp16",
                               "phone_bench"})
     phone_bench = "benchmark_model"   # the on-device benchmark binary (phone.py drives it)
