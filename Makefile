@@ -38,6 +38,8 @@ bench: setup
 	$(BIN)/python benchmarks/onnx_fp16_keeps.py
 	$(BIN)/python benchmarks/backbone_bench.py
 	$(BIN)/python benchmarks/block_forms.py
+	$(BIN)/python benchmarks/debug_budgets.py
+	$(BIN)/python benchmarks/precision_search.py
 	$(BIN)/python benchmarks/aoti_load.py
 
 clean:

@@ -56,7 +56,7 @@ def markdown(slug: str, cpu: str, rows: list[dict]) -> str:
             lines.append(f"| {r['target']} {r['export_precision']} {r['runtime_options']} | - | - | - | - | - | {r['error']} |")
             continue
         lines.append(f"| {r['target']} {r['export_precision']} {r['runtime_options'] or ''} | {r['runtime_precision']} | "
-                     f"{r['max_excess']:.2e} | {LOCAL_BUDGET.get(r['runtime_precision'], LOCAL_BUDGET['int8']):.0e} | "
+                     f"{r['max_excess']:.2e} | {LOCAL_BUDGET.get(r['runtime_precision'], LOCAL_BUDGET['int8']):.2g} | "
                      f"{r['logits_rel_l2']:.2e} | {r['probe_vs_artifact']:.2g} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
 
