@@ -10,7 +10,8 @@ Needs macOS (the Core ML framework) and this repository installed with the corem
    program on cpu_and_ne is gated with the fp16 tolerance (recorded as such);
 3. the app-facing form (image input + classifier, fp16) of B0: photos given as images must give the
    same top-1 as PyTorch on the same 8-bit pixels, and probabilities within 2e-2;
-4. an interleaved benchmark of every (precision, compute unit) at batch 1.
+4. an interleaved benchmark of every (precision, compute unit) at batch 1;
+5. `debug` of the shipped fp16 program on each compute unit (the per-block curve; informative, not gated).
 Writes into DIR: mac_check.json (everything), mac_check.log, bench-<machine>.json (schema
 mixformer-deploy/bench/1, which `mixformer-deploy report` merges), bench-<machine>.md, and artifacts/.
 Exit status: 0 all passed; 1 a gate failed or a step errored; 3 not macOS or coremltools missing.
@@ -111,6 +112,19 @@ def parity_rows(paths: dict[str, Path], weights: str | None) -> list[dict]:
             log.info("parity %s on %s (as %s): %s (max|a-r| %.3g, cosine %.7f)", row["artifact"], units, gate,
                      "pass" if row["passed"] else "FAIL " + "; ".join(row["failures"]), o.max_abs, o.cosine)
             rows.append(row)
+    return rows
+
+
+def debug_rows(path: Path) -> list[dict]:
+    """`debug` of the shipped fp16 package on each compute unit: the per-block curve where Core ML predicts
+    (Linux only exports the probe). Informative: a divergence named here is not a failed check."""
+    from mixformer_deploy.debug import debug_artifact
+
+    rows = []
+    for units in UNITS:
+        report = debug_artifact(path, runtime_options={"compute_units": units})
+        rows.append({"compute_units": units, "verdict": report.verdict(), "report": report.to_dict()})
+        log.info("debug %s on %s: %s", path.name, units, report.verdict())
     return rows
 
 
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"schema": SCHEMA, "tool_version": __version__, "macos": platform.mac_ver()[0],
               "machine": platform.machine(), "environment": environment("cpu", args.threads),
-              "size": list(size), "units": list(UNITS), "exports": {}, "parity": [], "app_form": [],
+              "size": list(size), "units": list(UNITS), "exports": {}, "parity": [], "app_form": [], "debug": [],
               "bench_runs": 0, "skipped": [], "errors": [], "elapsed_s": None, "passed": None}
     art = out / "artifacts"
     docs = []
@@ -231,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         report["exports"][label] = {k: str(p) for k, p in paths.items()}
         report["parity"] += step(report, f"parity {label}", parity_rows, paths, None) or []
+        if variant is None and "fp16" in paths:
+            report["debug"] += step(report, f"debug {label}", debug_rows, paths["fp16"]) or []
         if "app" in paths:
             from mixformer_deploy.source import load_source
             reference = load_source(None, variant).model  # the same weights export used (seeded for a variant)

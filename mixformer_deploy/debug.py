@@ -146,11 +146,17 @@ class _Case:
     precision: str = "fp32"             # what the runtime computes in (a runtime option may lower it)
     runtime_description: dict = field(default_factory=dict)
     exports: int = 0
+    loader: object = None               # path -> runner: the artifact's runtime, or a test's evaluator
+
+    def open(self, path: Path):
+        return self.loader(path)
 
 
 def open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_options, threads,
-              random_count: int, warnings: list[str]) -> _Case:
-    """Everything checked and loaded before the first probe is exported: bad input fails fast."""
+              random_count: int, warnings: list[str], loader=None) -> _Case:
+    """Everything checked and loaded before the first probe is exported: bad input fails fast.
+    ``loader`` (path -> runner) replaces the artifact's runtime: the tests' numpy evaluator of Core ML
+    programs, where Core ML cannot predict."""
     from .artifact import resolve_artifact, target_of
     from .data import fixed_batch
     from .parity import _usable_runtime, artifact_manifest, resolve_reference
@@ -160,14 +166,24 @@ def open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_
     spec = target_of(path)
     if spec is None:
         raise UsageError(f"{path.name}: debug needs an exported artifact (a manifest naming its target)")
-    runtime, options = _usable_runtime(path, "auto", runtime_options)
-    precision, description = runtime_facts(path, runtime, options, threads, manifest)  # a bad artifact fails here
+    if loader is None:
+        runtime, options = _usable_runtime(path, "auto", runtime_options)
+        loader = _runtime_loader(runtime, options, threads)
+    else:
+        spec.verify(path)
+        runtime, options = "evaluator", {}
+    precision, description = runtime_facts(loader(path), manifest)  # a bad artifact fails here
     ref = resolve_reference(path, manifest, weights, warnings)
     own = _artifact_model(path, manifest, weights, artifact_weights, ref, warnings)
     x = _inputs(manifest, ref, inputs, random_count)
     export_options = _export_options(spec, manifest, calibration, warnings)
     return _Case(path, manifest, spec, runtime, options, threads, own, ref.model, export_options, x,
-                 fixed_batch(manifest), precision, description)
+                 fixed_batch(manifest), precision, description, loader=loader)
+
+
+def _runtime_loader(runtime: str, options: dict, threads):
+    from .backends import open_runner
+    return lambda path: open_runner(path, runtime, "cpu", threads=threads, options=options)
 
 
 def _artifact_model(path, manifest, weights, artifact_weights, ref, warnings):
@@ -279,10 +295,9 @@ def export_probe(case: _Case, points: list[str], folder: Path) -> Path:
 
 def run_artifact(case: _Case, path: Path) -> list[np.ndarray]:
     """Every output of an artifact (the probe, or the artifact itself) on the case's inputs."""
-    from .backends import open_runner
     from .data import run_outputs
 
-    runner = open_runner(path, case.runtime, "cpu", threads=case.threads, options=case.runtime_options)
+    runner = case.open(path)
     try:
         return run_outputs(runner, case.x, case.batch, batch_size=8)
     finally:
@@ -303,11 +318,9 @@ def probe_points(case: _Case, points: list[str], folder: Path) -> tuple[list, li
     return got, reference_points(case, points)
 
 
-def runtime_facts(path: Path, runtime: str, options: dict, threads, manifest: dict) -> tuple[str, dict]:
+def runtime_facts(runner, manifest: dict) -> tuple[str, dict]:
     """(the precision the runtime computes in (a runtime option may lower it: OpenVINO bf16), the
-    runtime's description): the artifact is opened first, so a bad one is the only error."""
-    from .backends import open_runner
-    runner = open_runner(path, runtime, "cpu", threads=threads, options=options)
+    runtime's description) of an opened artifact; closes it."""
     try:
         return getattr(runner, "precision", None) or manifest.get("precision") or "fp32", runner.describe()
     finally:
@@ -318,12 +331,12 @@ def runtime_facts(path: Path, runtime: str, options: dict, threads, manifest: di
 
 def debug_artifact(artifact, weights=None, artifact_weights=None, inputs=None, calibration=None,
                    runtime_options: dict | None = None, threads: int | None = None,
-                   random_count: int = 4) -> DebugReport:
+                   random_count: int = 4, loader=None) -> DebugReport:
     """The error curve of ``artifact`` through the network and the first block (then branch) whose error
     exceeds its budget. Two probe exports at most: every block boundary, then the failing block's branches."""
     start, warnings = time.perf_counter(), []
     case = open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_options or {}, threads,
-                     random_count, warnings)
+                     random_count, warnings, loader)
     precision = case.precision
     report = DebugReport(str(case.artifact), case.spec.key, case.runtime_description, precision,
                          case.manifest.get("block_form") or "classic",

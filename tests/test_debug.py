@@ -100,3 +100,41 @@ def test_planted_fp16_overflow_is_named_at_the_mlp_on_openvino_fp16(tmp_path):
     assert report.precision == "fp16"
     assert report.first_block == "stages.2.1" and report.first_branch == "stages.2.1.mlp"
     assert report.verdict().startswith("first divergence: stages.2.1 (layers.2.blocks.1) mlp: rel L2 inf")
+
+
+class _ProgramEvaluator:
+    """The tests' numpy evaluator of a Core ML program (tests/coreml_mil.py) as debug's runner: each fp16
+    op's result rounded to float16. It checks the probe where Core ML cannot predict; never a prediction."""
+
+    precision = "fp16"
+
+    def __init__(self, path):
+        from coreml_mil import MilReference
+        self.program = MilReference(path)
+
+    def run(self, x):
+        return self.program.run(x)
+
+    def describe(self) -> dict:
+        return {"runtime": "numpy evaluator of the ML program (tests only)"}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.coreml
+def test_core_ml_probe_is_exported_and_names_the_fp16_overflow_on_the_program_evaluator(tmp_path):
+    """Core ML predicts on macOS only: here the probe (a Core ML fp16 package with named probe outputs) is
+    exported for real and evaluated op by op in numpy."""
+    pytest.importorskip("coremltools")
+    from mixformer_deploy.debug import debug_artifact
+    from mixformer_deploy.export_api import export
+
+    weights = planted(tmp_path, scale_fc1=1e6)
+    art = export(weights, target="coreml", img_size=64, precision="fp16", output=tmp_path, check=False).path
+    report = debug_artifact(art, weights=weights, inputs=("photos",), loader=_ProgramEvaluator)
+    assert report.probe_vs_artifact <= 1e-3
+    assert report.first_block == "stages.2.1" and report.first_branch == "stages.2.1.mlp"
+    assert all(p.rel_l2 < 2e-3 for p in report.blocks[:report.blocks.index(
+        next(p for p in report.blocks if p.name == "stages.2.1"))])
