@@ -121,7 +121,10 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts" / "precision-search")
+    ap.add_argument("--only", default=None, help="rows of these targets only (comma-separated), written as "
+                                                 "precision-search-<machine>-<targets>.{json,md}")
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mixformer_deploy.keep_search").setLevel(logging.INFO)
     from mixformer_deploy.artifact import write_json_atomic
@@ -129,6 +132,8 @@ def main() -> None:
     rows = []
     for kind, cases in (("no keeps fail (drop 0)", FAIL_ROWS), ("both pass (default gate)", PASS_ROWS)):
         for target, drop in cases:
+            if only and target not in only:
+                continue
             label = f"{target} {'drop 0' if drop else 'default gate'}"
             rows.append({"kind": kind, "target": target, "label": label,
                          "artifacts": export_three(args.work, target, drop)})
@@ -136,9 +141,10 @@ def main() -> None:
     for row in rows:
         row["auto_vs_default"] = auto_vs_default(doc, row["label"])
     slug, cpu = doc["machine"]["slug"], doc["machine"]["cpu_model"]
-    write_json_atomic(args.out / f"precision-search-{slug}.json", {"rows": rows, "bench": doc})
-    (args.out / f"precision-search-{slug}.md").write_text(markdown(slug, cpu, rows, doc, default_size()))
-    print(args.out / f"precision-search-{slug}.md")
+    name = f"precision-search-{slug}" + (f"-{'-'.join(sorted(only))}" if only else "")
+    write_json_atomic(args.out / f"{name}.json", {"rows": rows, "bench": doc})
+    (args.out / f"{name}.md").write_text(markdown(slug, cpu, rows, doc, default_size()))
+    print(args.out / f"{name}.md")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,11 @@ def check_auto(spec, precision: str) -> None:
 
 
 def export_auto(export_fn, spec, kwargs: dict) -> object:
-    """The search, then the export of the set found (see the module docstring)."""
+    """The search, then the export of the set found (see the module docstring). A target whose int8 needs
+    float LayerNorm inputs (``spec.int8_float_norms``: TensorRT) starts from every LayerNorm kept."""
     globs = tuple(g for g in kwargs["keep_fp32"] if g != AUTO)
+    if spec.int8_float_norms:
+        globs += tuple(_layer_norms(kwargs))
     with tempfile.TemporaryDirectory(prefix="mixformer-keeps-") as tmp:
         s = _Search(kwargs, globs, Path(tmp))
         found, passed = _search(s, export_fn, spec)
@@ -71,6 +74,18 @@ def export_auto(export_fn, spec, kwargs: dict) -> object:
         raise GateError(f"--keep-fp32 auto: no set passed the gate in {s.exports + 1} exports; best found: "
                         f"{flags} ({_step_line(_best(s.steps))})")
     return result
+
+
+def _layer_norms(kwargs: dict) -> list[str]:
+    """Every LayerNorm of the deploy form, by name (what a target that needs them float must keep)."""
+    from torch import nn
+
+    from .deploy import to_deploy
+    from .source import resolve_size
+
+    source = kwargs["source"]
+    deploy = to_deploy(source.model, resolve_size(source, kwargs["img_size"]))
+    return [n for n, m in deploy.named_modules() if isinstance(m, nn.LayerNorm)]
 
 
 def _search(s: _Search, export_fn, spec) -> tuple[list[str], bool]:

@@ -56,3 +56,14 @@ def test_auto_finds_a_small_set_where_no_keeps_fail(tmp_path):
     assert r.passed and search["passed"] and search["exports"] <= MAX_EXPORTS
     defaults = resolve_keeps(to_deploy(load_source(None).model, (32, 32)))
     assert 0 < len(search["found"]) <= len(defaults) / 4, (search["found"], len(defaults))
+
+
+def test_auto_for_tensorrt_int8_starts_from_the_layer_norms_it_needs_float(tmp_path):
+    """TensorRT int8 never reads a LayerNorm's input as int8 (trt-lint): no keeps would fail the lint, so
+    the search starts with every LayerNorm kept."""
+    r = export(WEIGHTS, target="tensorrt", img_size=64, precision="int8", keep_fp32=("auto",),
+               calibration=EXAMPLES, output=tmp_path, target_options={"onnx_only": True})
+    keeps = r.manifest["precision_keeps"]
+    assert r.passed and keeps["search"]["exports"] <= MAX_EXPORTS
+    assert "patch_embed.norm" in keeps["modules"] and "stages.2.1.norm1" in keeps["modules"]
+    assert not any(m.endswith("attention.logits") for m in keeps["modules"])   # not the default keeps

@@ -122,6 +122,7 @@ class BackendSpec:
     is_dir: bool = False                # the artifact is a directory (built beside, renamed whole)
     extra: str = ""
     export_cost: str = "cheap"          # "costly": a compile or lowering per block (searches spend fewer exports)
+    int8_float_norms: bool = False      # int8 needs every LayerNorm's input in float (keep searches start there)
     runtime: str = ""                   # the runtime key that runs this backend's artifacts ("" = none)
     runners: ClassVar[dict[str, str]] = {}   # runtime key -> runner class name in <package>.runner
     exporter_name: str = ""             # exporter class name in <package>.export ("" = exports nothing)

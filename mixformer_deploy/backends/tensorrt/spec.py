@@ -87,6 +87,7 @@ class TensorRtSpec(BackendSpec):
     title = "TensorRT"
     runs_here = "the `.trt.onnx` on onnxruntime; the `.engine` needs TensorRT and an NVIDIA GPU"
     verified = "the `.trt.onnx` on Linux x86 CPU; engine build not yet run"
+    int8_float_norms = True             # trt-lint's qdq-normalization-input: a LayerNorm never reads int8
     capabilities = frozenset({"int8", "reproducible", "backbone", "inspect", "embedded_manifest", "fp16"})
 
     def check(self, options) -> None:
