@@ -44,7 +44,8 @@ def test_auto_refusals_are_usage_errors(args, words, tmp_path):
 @pytest.mark.slow
 @pytest.mark.openvino
 def test_auto_finds_a_small_set_where_no_keeps_fail(tmp_path):
-    """Shipped weights, OpenVINO int8, not one more misclassified held-out digit than the reference."""
+    """Shipped weights, OpenVINO int8, not one more misclassified held-out digit than the reference: on the
+    Intel Xeon (AMX) here no keeps fail it (and so do the default keeps) and the search finds 2 modules."""
     from mixformer_deploy.deploy import to_deploy
     from mixformer_deploy.deploy.precision import resolve_keeps
     from mixformer_deploy.source import load_source
@@ -52,8 +53,10 @@ def test_auto_finds_a_small_set_where_no_keeps_fail(tmp_path):
     r = export(None, target="openvino", precision="int8", keep_fp32=("auto",), max_accuracy_drop="0",
                output=tmp_path)
     search = r.manifest["precision_keeps"]["search"]
-    assert not search["steps"][0]["passed"]            # no keeps fail the gate
     assert r.passed and search["passed"] and search["exports"] <= MAX_EXPORTS
+    if search["steps"][0]["passed"]:   # int8 kernels differ by CPU: where no keeps pass, nothing is searched
+        assert search["found"] == [] and search["exports"] == 2
+        return
     defaults = resolve_keeps(to_deploy(load_source(None).model, (32, 32)))
     assert 0 < len(search["found"]) <= len(defaults) / 4, (search["found"], len(defaults))
 
