@@ -29,6 +29,7 @@ KINDS = ("auto", "default keeps", "no keeps")
 def export_three(work: Path, target: str, drop: str | None) -> dict:
     """auto, default keeps, no keeps: each gated as the row says; (kind -> facts)."""
     from mixformer_deploy.export_api import export
+    from mixformer_deploy.keep_search import named_as_exported as usable
 
     options = {"onnx_only": True} if target == "tensorrt" else None
     kwargs = dict(target=target, precision="int8", max_accuracy_drop=drop, target_options=options)
@@ -44,10 +45,6 @@ def export_three(work: Path, target: str, drop: str | None) -> dict:
         out[kind] = {**facts(r), "path": str(usable(r.path))}
     return out
 
-
-def usable(path: Path) -> Path:
-    from mixformer_deploy.keep_search import _usable
-    return _usable(Path(path))
 
 
 def facts(r) -> dict:

@@ -14,6 +14,7 @@ that inherits it. Errors are relative L2 over all inputs.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import tempfile
 import time
@@ -80,8 +81,9 @@ class DebugReport:
             return "no divergence: every block within its budget"
         where = next(p for p in self.blocks if p.name == self.first_block)
         culprit = next((p for p in self.branches if p.name == self.first_branch), where)
-        branch = f" {self.first_branch.rsplit('.', 1)[-1] if self.first_branch else ''}".rstrip()
-        branch = branch.replace("logits", "attention") if self.first_branch else ""
+        branch = ""
+        if self.first_branch:   # attention.logits stands for the attention branch
+            branch = " " + self.first_branch[len(where.name) + 1:].removesuffix(".logits")
         return (f"first divergence: {where.name} ({where.reference}){branch}: rel L2 {culprit.rel_l2:.2g} "
                 f"against budget {culprit.budget:.2g}")
 
@@ -100,13 +102,13 @@ def point_errors(names: list[str], got: list[np.ndarray], want: list[np.ndarray]
     """Each point's relative L2 and worst per-input cosine, judged against its budget."""
     out = []
     for name, a, r, e in zip(names, got, want, entering):
-        err = _finite_rel_l2(a, r)
+        err = finite_rel_l2(a, r)
         budget = budget_of(precision, e)
         out.append(PointError(name, reference_name(name), err, _worst_cosine(a, r), e, budget, not err <= budget))
     return out
 
 
-def _finite_rel_l2(a: np.ndarray, r: np.ndarray) -> float:
+def finite_rel_l2(a: np.ndarray, r: np.ndarray) -> float:
     if not np.isfinite(a).all():
         return float("inf")
     return float(rel_l2(a, r))
@@ -135,9 +137,6 @@ class _Case:
     artifact: Path
     manifest: dict
     spec: object
-    runtime: str
-    runtime_options: dict
-    threads: int | None
     artifact_model: torch.nn.Module     # the weights the artifact was exported from (the probe's)
     reference_model: torch.nn.Module    # the float32 reference it must reproduce
     options: object                     # ExportOptions as the artifact was exported
@@ -150,6 +149,21 @@ class _Case:
 
     def open(self, path: Path):
         return self.loader(path)
+
+    @functools.cached_property
+    def artifact_deploy(self) -> torch.nn.Module:
+        """The deploy form of the artifact's weights (its probes are made from it)."""
+        return self._deploy(self.artifact_model)
+
+    @functools.cached_property
+    def reference_deploy(self) -> torch.nn.Module:
+        """The deploy form of the reference weights (the points probes are compared with)."""
+        return self._deploy(self.reference_model)
+
+    def _deploy(self, model: torch.nn.Module) -> torch.nn.Module:
+        from .deploy import to_deploy
+        size = (self.options.height, self.options.width)
+        return to_deploy(model, size, self.manifest.get("block_form") or "classic")
 
 
 def open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_options, threads,
@@ -167,18 +181,16 @@ def open_case(artifact, weights, artifact_weights, inputs, calibration, runtime_
     if spec is None:
         raise UsageError(f"{path.name}: debug needs an exported artifact (a manifest naming its target)")
     if loader is None:
-        runtime, options = _usable_runtime(path, "auto", runtime_options)
-        loader = _runtime_loader(runtime, options, threads)
+        loader = _runtime_loader(*_usable_runtime(path, "auto", runtime_options), threads)
     else:
         spec.verify(path)
-        runtime, options = "evaluator", {}
     precision, description = runtime_facts(loader(path), manifest)  # a bad artifact fails here
     ref = resolve_reference(path, manifest, weights, warnings)
-    own = _artifact_model(path, manifest, weights, artifact_weights, ref, warnings)
+    own = _artifact_model(path, manifest, weights, artifact_weights, ref)
     x = _inputs(manifest, ref, inputs, random_count)
     export_options = _export_options(spec, manifest, calibration, warnings)
-    return _Case(path, manifest, spec, runtime, options, threads, own, ref.model, export_options, x,
-                 fixed_batch(manifest), precision, description, loader=loader)
+    return _Case(path, manifest, spec, own, ref.model, export_options, x, fixed_batch(manifest), precision,
+                 description, loader=loader)
 
 
 def _runtime_loader(runtime: str, options: dict, threads):
@@ -186,7 +198,7 @@ def _runtime_loader(runtime: str, options: dict, threads):
     return lambda path: open_runner(path, runtime, "cpu", threads=threads, options=options)
 
 
-def _artifact_model(path, manifest, weights, artifact_weights, ref, warnings):
+def _artifact_model(path, manifest, weights, artifact_weights, ref):
     """The weights the artifact was exported from: the probe must compute what the artifact computes."""
     from .parity import resolve_reference
 
@@ -260,18 +272,12 @@ def _calibration(manifest: dict, folder, h: int, w: int, warnings: list[str]):
     return cal
 
 
-def _deploy(case: _Case, model: torch.nn.Module) -> torch.nn.Module:
-    from .deploy import to_deploy
-    h, w = case.options.height, case.options.width
-    return to_deploy(model, (h, w), case.manifest.get("block_form") or "classic")
-
-
 def export_probe(case: _Case, points: list[str], folder: Path) -> Path:
     """The artifact's probe at ``points``: the same backend, precision, keeps, options and calibration."""
     from .artifact import sidecar_path, write_json
     from .backends.exporter import ExportContext
 
-    probe = make_probe(_deploy(case, case.artifact_model), points)
+    probe = make_probe(case.artifact_deploy, points)
     path = folder / f"probe{len(list(folder.iterdir()))}{case.spec.suffix}"
     manifest = copy.deepcopy(case.manifest)
     batch = case.options.batch or "batch"
@@ -307,7 +313,7 @@ def run_artifact(case: _Case, path: Path) -> list[np.ndarray]:
 @torch.no_grad()
 def reference_points(case: _Case, points: list[str]) -> list[np.ndarray]:
     """The reference's outputs and its values at ``points``, PyTorch float32 of its deploy form."""
-    probe = make_probe(_deploy(case, case.reference_model), points)
+    probe = make_probe(case.reference_deploy, points)
     parts = [[t.numpy() for t in probe(torch.from_numpy(case.x[i:i + 8]))] for i in range(0, len(case.x), 8)]
     return [np.concatenate(p) for p in zip(*parts)]
 
@@ -353,11 +359,10 @@ def debug_artifact(artifact, weights=None, artifact_weights=None, inputs=None, c
 
 def _block_curve(case: _Case, report: DebugReport, folder: Path) -> None:
     """Every block boundary, judged against the error entering it; the outputs after them."""
-    deploy = _deploy(case, case.reference_model)
-    points = block_points(deploy)
+    points = block_points(case.reference_deploy)
     got, want = probe_points(case, points, folder)
     n = len(got) - len(points)
-    errors = [_finite_rel_l2(a, r) for a, r in zip(got[n:], want[n:])]
+    errors = [finite_rel_l2(a, r) for a, r in zip(got[n:], want[n:])]
     report.blocks = point_errors(points, got[n:], want[n:], report.precision, entering_errors(errors))
     last = errors[-1] if errors else 0.0
     names = [o.get("name") for o in (case.manifest.get("outputs") or [])] or ["logits"]
@@ -369,7 +374,7 @@ def _block_curve(case: _Case, report: DebugReport, folder: Path) -> None:
 def _branch_curve(case: _Case, report: DebugReport, folder: Path) -> None:
     """The failing block's branches, each judged against the error entering the block."""
     block = next(p for p in report.blocks if p.name == report.first_block)
-    points = branch_points(_deploy(case, case.reference_model), block.name)
+    points = branch_points(case.reference_deploy, block.name)
     got, want = probe_points(case, points, folder)
     n = len(got) - len(points)
     report.branches = point_errors(points, got[n:], want[n:], report.precision, [block.entering] * len(points))

@@ -19,6 +19,7 @@ from .artifact import (publish, remove, remove_stale_temporaries, sidecar_path, 
 from .calibration import DEFAULT_SIZE as DEFAULT_CALIBRATION_SIZE
 from .data import parse_size, photos
 from .errors import ArtifactError, CheckpointError, ExportError, InputFileError, RewriteError, UsageError, one_line
+from .keep_search import AUTO
 from .manifest import artifact_name
 from .numerics import rel_l2
 from .source import SourceModel, base_manifest, load_source, resolve_size
@@ -157,8 +158,6 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
     resolve the source -> deploy form -> manifest -> write, gate and publish -> the backend's follow-up.
     ``keep_fp32`` holding "auto": the smallest float32 set is searched for (keep_search.py);
     ``keep_search`` is that search's record, for the manifest."""
-    from .keep_search import AUTO
-
     if AUTO in keep_fp32:
         return _export_auto(dict(locals()))
     job = _check_request(target, batch, img_size, precision, head, out_indices, out_norm, check, keep_fp32,
@@ -178,9 +177,8 @@ def export(weights: str | Path | None = None, target: str = "onnx", variant: str
 def _export_auto(args: dict) -> ExportResult:
     """``--keep-fp32 auto``: the request checked as a plain export would be, the weights read once, then
     the search (keep_search.py)."""
-    from .keep_search import AUTO, check_auto, export_auto
+    from .keep_search import check_auto, export_auto
 
-    args.pop("AUTO", None)
     globs = tuple(g for g in args["keep_fp32"] if g != AUTO)
     spec = get_spec(args["target"])
     _check_request(args["target"], args["batch"], args["img_size"], args["precision"], args["head"],

@@ -40,6 +40,8 @@ class _Search:
     exports: int = 0
     steps: list[dict] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
+    case: object = None                 # the first export as debug sees it (both probes share it)
+    entering: dict = field(default_factory=dict)   # block-curve point -> the error entering it
 
 
 def check_auto(spec, precision: str) -> None:
@@ -122,7 +124,7 @@ def _try(s: _Search, export_fn, keeps: list[str]) -> dict:
             "failure": None if p is None or p.passed else (p.failures or ["failed"])[0]}
     s.steps.append(step)
     log.info("keep-fp32 auto: step %d, %d kept: %s", len(s.steps), len(keeps), _step_line(step))
-    return {**step, "artifact": _usable(result.path)}
+    return {**step, "artifact": named_as_exported(result.path)}
 
 
 def _step_line(step: dict) -> str:
@@ -134,7 +136,7 @@ def _best(steps: list[dict]) -> dict:
     return min(steps, key=lambda st: (not st["passed"], st["rel_l2"] if st["rel_l2"] is not None else 1e9))
 
 
-def _usable(path: Path) -> Path:
+def named_as_exported(path: Path) -> Path:
     """A gated export that failed is kept as ``<name>.failed``: give it its name back to probe it."""
     from .artifact import sidecar_path
 
@@ -151,7 +153,7 @@ def _case(s: _Search, artifact: Path):
     """The first export's artifact as ``debug`` sees it (built once, shared by both probes)."""
     from .debug import open_case
 
-    if getattr(s, "case", None) is None:
+    if s.case is None:
         calibration = s.kwargs.get("calibration")
         s.case = open_case(artifact, s.kwargs.get("weights"), None, None, calibration, {}, None, 4, [])
     return s.case
@@ -159,7 +161,7 @@ def _case(s: _Search, artifact: Path):
 
 def _curve(s: _Search, case, points: list[str]) -> tuple[list[float], list[float]]:
     """(each point's rel L2, each output's) from one probe export."""
-    from .debug import _finite_rel_l2, probe_points
+    from .debug import finite_rel_l2, probe_points
 
     with tempfile.TemporaryDirectory(dir=s.folder) as tmp:
         try:
@@ -167,19 +169,19 @@ def _curve(s: _Search, case, points: list[str]) -> tuple[list[float], list[float
         finally:
             s.exports += 1
     n = len(got) - len(points)
-    return ([_finite_rel_l2(a, r) for a, r in zip(got[n:], want[n:])],
-            [_finite_rel_l2(a, r) for a, r in zip(got[:n], want[:n])])
+    return ([finite_rel_l2(a, r) for a, r in zip(got[n:], want[n:])],
+            [finite_rel_l2(a, r) for a, r in zip(got[:n], want[:n])])
 
 
 def _ranked_places(s: _Search, artifact: Path) -> list[str]:
     """Block boundaries (stem, blocks, merges) and the head, by the error each adds, largest first."""
-    from .debug import _deploy
+    from .debug import entering_errors
     from .probe import block_points
 
     case = _case(s, artifact)
-    points = block_points(_deploy(case, case.reference_model))
+    points = block_points(case.reference_deploy)
     errors, outputs = _curve(s, case, points)
-    entering = [0.0, *errors[:-1]]
+    entering = entering_errors(errors)
     s.entering = dict(zip(points, entering))
     added = [(p, e - before) for p, e, before in zip(points, errors, entering)]
     added.append(("head", max(outputs) - errors[-1]))
@@ -195,11 +197,10 @@ def _modules_of(s: _Search, artifact: Path | None, place: str) -> list[str]:
         return list(HEAD_MODULES)
     if not place.startswith("stages.") or artifact is None:
         return [place]
-    from .debug import _deploy
     from .probe import branch_points
 
     case = _case(s, artifact)
-    branches = branch_points(_deploy(case, case.reference_model), place)
+    branches = branch_points(case.reference_deploy, place)
     errors, _ = _curve(s, case, branches)
     before = s.entering.get(place, 0.0)
     ranked = sorted(zip(branches, errors), key=lambda t: -(t[1] - before))

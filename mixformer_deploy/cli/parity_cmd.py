@@ -204,9 +204,8 @@ def _localized(artifact: Path, weights, inputs, threads, runtime_option) -> str:
     """``parity --localize``: the debug command's report and verdict. It exports probes, so it imports the
     artifact's exporter (the one exception to "parity imports no exporter")."""
     from ..debug import debug_artifact
-    from .debug_cmd import print_debug_report
-
     from ..errors import MixformerDeployError
+    from .debug_cmd import print_debug_report
 
     try:
         report = debug_artifact(artifact, weights=weights, inputs=inputs, threads=threads,
